@@ -1,0 +1,19 @@
+"""Shared test setup.
+
+megatron-core is imported here, once, in the pytest process: the multi-rank tests fork their
+ranks from it (megatron_moma.testing.multiprocess), so no rank pays the ~8 s import again.
+"""
+
+import pytest
+import torch
+
+import megatron.core  # noqa: F401  (imported before forking, see above)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
