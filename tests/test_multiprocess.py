@@ -16,6 +16,16 @@ def _rank_and_sum():
     return dist.get_rank(), dist.get_world_size(), float(value)
 
 
+def _is_running(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (a killed orphan waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 def test_results_come_back_in_rank_order():
     assert run_on_ranks(_rank_and_sum, 3, timeout=60) == [(0, 3, 6.0), (1, 3, 6.0), (2, 3, 6.0)]
 
@@ -53,6 +63,15 @@ def test_a_timeout_kills_every_rank(tmp_path):
         run_on_ranks(_record_pid_and_hang, 2, str(tmp_path), timeout=5)
     pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
     assert len(pids) == 2
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    assert not any(_is_running(pid) for pid in pids)
+
+
+def _start_a_grandchild():
+    import subprocess
+
+    return subprocess.Popen(["sleep", "600"]).pid
+
+
+def test_processes_a_rank_started_do_not_outlive_the_run():
+    grandchildren = run_on_ranks(_start_a_grandchild, 2, timeout=60)
+    assert not any(_is_running(pid) for pid in grandchildren)

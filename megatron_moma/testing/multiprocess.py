@@ -3,7 +3,9 @@
 Forking after megatron-core has been imported once costs milliseconds per rank, against 10-28 s
 for a torchrun start (CPU_NOTES.md), so parallel-equivalence tests fork. Ranks rendezvous through a
 file store in a fresh temporary directory (no TCP port to collide on), die with their parent,
-and are killed when the run fails or times out: no process outlives `run_on_ranks`.
+and are killed when the run fails or times out. Each rank leads its own process group, which is
+killed as a whole at the end, so helpers a rank started (dist_checkpointing's Manager process, for
+one) go with it: no process outlives `run_on_ranks`.
 """
 
 import ctypes
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 _PR_SET_PDEATHSIG = 1
+_EXIT_GRACE_SECONDS = 10.0
 
 
 class RankFailure(RuntimeError):
@@ -36,6 +39,7 @@ def _die_with_parent() -> None:
 
 
 def _rank_main(fn, args, kwargs, rank, world_size, store_path, connection, threads_per_rank):
+    os.setpgid(0, 0)
     _die_with_parent()
     torch.set_num_threads(threads_per_rank)
     status = 0
@@ -91,21 +95,31 @@ def run_on_ranks(
             process = context.Process(
                 target=_rank_main,
                 args=(fn, args, kwargs, rank, world_size, store_path, sender, threads_per_rank),
-                daemon=True,
+                daemon=False,  # dist_checkpointing starts a Manager process from ranks
             )
             process.start()
             sender.close()
             processes.append(process)
             receivers.append(receiver)
+        grace = 0.0
         try:
-            return _collect(processes, receivers, timeout)
+            results = _collect(processes, receivers, timeout)
+            grace = _EXIT_GRACE_SECONDS  # ranks that reported may still be tearing down
+            return results
         finally:
             for process in processes:
-                if process.is_alive():
-                    process.kill()
-                process.join(timeout=10)
+                process.join(timeout=grace)
+                _kill_process_group(process.pid)
+                process.join()
             for receiver in receivers:
                 receiver.close()
+
+
+def _kill_process_group(leader_pid: int) -> None:
+    try:
+        os.killpg(leader_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _collect(processes, receivers, timeout) -> List[Any]:
