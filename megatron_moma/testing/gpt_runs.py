@@ -28,6 +28,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
 from megatron_moma.parallel.layout import ParallelLayout
@@ -281,12 +282,15 @@ def train_step(chunks, optimizer, model: TinyGPT, spec: TrainSpec, step: int) ->
     return float(total[0] / total[1]), float(grad_norm)
 
 
-def train(model: TinyGPT, layout: ParallelLayout, spec: TrainSpec) -> RunResult:
-    """Run on every rank (torch.distributed initialised): build, set weights, train, report."""
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
+def initialize(layout: ParallelLayout, spec: TrainSpec) -> None:
+    """Create the layout's process groups and Megatron's RNG states (torch.distributed initialised)."""
     layout.initialize()
     model_parallel_cuda_manual_seed(spec.seed)
+
+
+def train(model: TinyGPT, layout: ParallelLayout, spec: TrainSpec) -> RunResult:
+    """Run on every rank (torch.distributed initialised): build, set weights, train, report."""
+    initialize(layout, spec)
     chunks = build_model(model, layout, spec)
     set_weights_by_global_name(chunks)
     optimizer = get_megatron_optimizer(
