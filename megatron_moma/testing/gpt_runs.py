@@ -31,14 +31,20 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
+from megatron_moma.config import ModalityTransformerConfig, MoMaOptions
+from megatron_moma.modality import ModalityLayout
+from megatron_moma.models import ModalityGPTModel
 from megatron_moma.parallel.layout import ParallelLayout
+from megatron_moma.specs import get_moma_layer_spec
 
 GlobalSlices = Tuple[Tuple[int, ...], Tuple, torch.Tensor]  # (global shape, slice, local data)
 
 
 @dataclass(frozen=True)
 class TinyGPT:
-    """Shape of the test model. `num_experts=None` is dense; otherwise Megatron's own MoE MLP."""
+    """Shape of the test model. `num_experts=None` is dense; otherwise Megatron's own MoE MLP.
+    `moma` set makes every MLP a MoMa MLP, with text ids below `vocab_size // 2` and image ids
+    from there up."""
 
     num_layers: int = 4
     hidden_size: int = 32
@@ -49,6 +55,11 @@ class TinyGPT:
     num_experts: Optional[int] = None
     moe_router_topk: int = 2
     moe_aux_loss_coeff: float = 1e-2
+    moma: Optional[MoMaOptions] = None
+
+    @property
+    def modality_layout(self) -> ModalityLayout:
+        return ModalityLayout.text_and_image(self.vocab_size // 2, self.vocab_size - 1)
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,11 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_grouped_gemm=False,
         )
-    return TransformerConfig(
+    config_class, modality = TransformerConfig, {}
+    if model.moma is not None:
+        config_class = ModalityTransformerConfig
+        modality = dict(modality_layout=model.modality_layout, moma=model.moma)
+    return config_class(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -119,22 +134,26 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
         # stage are the same rank (CPU_NOTES.md): send and receive one at a time.
         batch_p2p_comm=False,
         **moe,
+        **modality,
     )
 
 
 def build_model(model: TinyGPT, layout: ParallelLayout, spec: TrainSpec) -> List[DistributedDataParallel]:
     """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron-core DDP."""
     config = transformer_config(model, layout)
+    model_class = GPTModel
     layer_spec = get_gpt_layer_local_spec(
         num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
     )
+    if model.moma is not None:
+        model_class, layer_spec = ModalityGPTModel, get_moma_layer_spec(normalization="RMSNorm")
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=spec.use_distributed_optimizer
     )
     chunks = []
     for vp_stage in range(layout.virtual_pipeline_parallel_size or 1):
         vp = vp_stage if layout.virtual_pipeline_parallel_size else None
-        gpt = GPTModel(
+        gpt = model_class(
             config=config,
             transformer_layer_spec=layer_spec,
             vocab_size=model.vocab_size,

@@ -1,0 +1,59 @@
+"""`ModalityTransformerConfig`: Megatron's TransformerConfig plus the modality-aware options."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron.core.transformer import TransformerConfig
+
+from megatron_moma.config.moma import MoMaOptions
+from megatron_moma.modality import ModalityLayout
+
+
+@dataclass
+class ModalityTransformerConfig(TransformerConfig):
+    """TransformerConfig with the modality layout and the options of each modality-aware layer.
+
+    `moma` set makes every MLP a MoMa MLP. The MoMa experts are Megatron expert modules, so
+    the Megatron MoE fields follow from `moma`: `num_moe_experts` is the total number of
+    experts (it also makes Megatron's schedules scale the auxiliary-router loss like the main
+    loss), and `moe_ffn_hidden_size` defaults to `ffn_hidden_size`. Experts are not tensor-
+    parallel: `expert_tensor_parallel_size` defaults to 1 (Megatron's default would be the TP size).
+    """
+
+    modality_layout: ModalityLayout = field(default_factory=ModalityLayout)
+    moma: Optional[MoMaOptions] = None
+
+    def __post_init__(self):
+        if self.moma is not None:
+            self._check_moma()
+            self.num_moe_experts = self.moma.num_experts
+            self.moe_router_topk = 1  # unused by MoMa; keeps Megatron's MoE checks satisfied
+            self.moe_router_pre_softmax = True
+        super().__post_init__()
+
+    def _check_moma(self):
+        groups = len(self.moma.experts_per_modality)
+        if groups != self.modality_layout.num_modalities:
+            raise ValueError(
+                f"MoMa experts_per_modality {self.moma.experts_per_modality} has {groups} groups but "
+                f"the modality layout has {self.modality_layout.num_modalities} modalities "
+                f"{self.modality_layout.names}"
+            )
+        ep = self.expert_model_parallel_size
+        for name, experts in zip(self.modality_layout.names, self.moma.experts_per_modality):
+            if experts % ep:
+                raise ValueError(
+                    f"MoMa group {name!r} has {experts} experts, not divisible by "
+                    f"expert_model_parallel_size {ep}: every EP rank holds an equal share of every group"
+                )
+        if self.expert_tensor_parallel_size is None:
+            self.expert_tensor_parallel_size = 1
+        if self.expert_tensor_parallel_size != 1:
+            raise ValueError(
+                "MoMa experts support expert_tensor_parallel_size=1 only (initialise Megatron's "
+                "parallel state with expert_tensor_parallel_size=1 too)"
+            )
+        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise ValueError(
+                "MoMa with tensor parallelism needs sequence_parallel=True (as Megatron's MoE does)"
+            )

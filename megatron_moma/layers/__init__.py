@@ -1,0 +1,1 @@
+"""Modality-aware Megatron modules: MoMa MLP, routers, auxiliary routers."""

@@ -1,0 +1,180 @@
+"""MoMa: the modality-aware mixture-of-experts MLP (SPEC.md sections 2 and 3).
+
+Replaces the MLP of a Megatron TransformerLayer. For each modality M, with its expert group E_M:
+
+    s = sigmoid(x W_M^T)                          scores [n_M, |E_M|] of the modality's tokens
+    expert j takes the top k_e tokens by s_j,     k_e = ceil(capacity_factor * n_M / |E_M|)
+    y(x) = sum over experts j that took x of s_j(x) * FFN_j(x)      (0 if no expert took x)
+
+A token only ever reaches experts of its own modality's group. The routing scope is the
+micro-batch on this data-parallel rank: under sequence parallelism the scores of the whole
+sequence are gathered across the tensor-parallel group for the selection (no gradient flows
+through the selection), so the choice is the same whatever the layout. Selected rows go to their
+experts through `dispatch.expert_parallel`.
+
+In eval mode with `inference_routing="aux"`, a token goes to expert j iff a_j(x) > 0.5, a the
+auxiliary router; the weight is still s_j(x). In training the auxiliary routers learn the
+expert-choice assignment by binary cross-entropy on detached inputs (so the loss trains the
+auxiliary routers only), attached to the output with Megatron's MoEAuxLossAutoScaler.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import sharded_state_dict_default
+
+from megatron_moma.dispatch.expert_parallel import ExpertRows, run_expert_groups
+from megatron_moma.layers.routers import AuxiliaryRouter, ExpertChoiceRouter
+from megatron_moma.modality.context import ModalityAware
+
+
+@dataclass
+class GroupSelection:
+    """Which of a group's local rows go to which expert, and with what weight (sorted by expert).
+
+    rows: [R] int64 positions in the group's local rows; expert: [R] int64; weight: [R] s_j(x).
+    """
+
+    rows: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+
+
+@dataclass
+class MoMaSubmodules:
+    """The spec of one expert (Megatron's MLP submodules: linear_fc1, linear_fc2)."""
+
+    experts: MLPSubmodules
+
+
+class MoMaMLP(MegatronModule, ModalityAware):
+    """Modality-grouped expert-choice MoE. Input and output [s, b, h] (s local under SP)."""
+
+    def __init__(self, config, submodules: MoMaSubmodules, layer_number: Optional[int] = None,
+                 pg_collection=None):
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.options = config.moma
+        self.group_names = config.modality_layout.names
+        pg_collection = pg_collection or get_default_pg_collection()
+        self.tp_group = pg_collection.tp
+        self.ep_group = pg_collection.ep
+        ep_size = self.ep_group.size()
+        sizes = self.options.experts_per_modality
+        self.routers = torch.nn.ModuleDict({
+            name: ExpertChoiceRouter(config, experts, self.options.gumbel_noise)
+            for name, experts in zip(self.group_names, sizes)
+        })
+        self.experts = torch.nn.ModuleDict({
+            name: SequentialMLP(experts // ep_size, config, submodules.experts, pg_collection)
+            for name, experts in zip(self.group_names, sizes)
+        })
+        if ep_size == 1 and config.sequence_parallel:
+            # Experts are replicated over TP and see only this rank's sequence chunk. With EP > 1
+            # megatron-core reduces expert grads over the expert-data-parallel group, which holds
+            # the TP peers; with EP = 1 they are dense parameters, so ask finalize_model_grads to
+            # sum them over TP, as it does for sequence-parallel norms.
+            for param in self.experts.parameters():
+                param.sequence_parallel = True
+        self.aux_routers = torch.nn.ModuleDict({
+            name: AuxiliaryRouter(config, experts) for name, experts in zip(self.group_names, sizes)
+        }) if self.options.aux_router else None
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """hidden_states [s, b, h] -> (output [s, b, h], None)."""
+        if padding_mask is not None:
+            raise NotImplementedError("MoMaMLP routes every token; padding masks are not supported")
+        tp_size = self.tp_group.size() if self.config.sequence_parallel else 1
+        full_index = self.modality_index()
+        index = full_index.chunk(self.tp_group.rank() if tp_size > 1 else 0, tp_size)
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        chunk_counts = full_index.chunk_counts(tp_size)
+
+        group_rows, selections, aux_losses = [], [], []
+        for modality, name in enumerate(self.group_names):
+            rows = index.rows(modality)
+            group_tokens = tokens[rows]
+            scores = self.routers[name](group_tokens)
+            counts = [c[modality] for c in chunk_counts]
+            selection = self._select(name, group_tokens, scores, counts)
+            if self.training and self.aux_routers is not None:
+                aux_losses.append(
+                    self._aux_router_loss(name, group_tokens, selection, scores.shape, sum(counts))
+                )
+            group_rows.append(rows)
+            selections.append(selection)
+
+        expert_outputs = run_expert_groups(
+            [ExpertRows(tokens[rows][s.rows], s.expert) for rows, s in zip(group_rows, selections)],
+            [self.experts[name] for name in self.group_names],
+            self.options.experts_per_modality,
+            self.ep_group,
+        )
+        output = torch.zeros_like(tokens)
+        for rows, selection, expert_output in zip(group_rows, selections, expert_outputs):
+            weighted = expert_output * selection.weight.unsqueeze(-1).to(expert_output.dtype)
+            output = output.index_add(0, rows[selection.rows], weighted)
+        output = output.view_as(hidden_states)
+        if aux_losses:
+            loss = torch.stack(aux_losses).sum() * self.options.aux_loss_coeff
+            output = MoEAuxLossAutoScaler.apply(output, loss)
+        return output, None
+
+    def _select(self, name, group_tokens, scores, chunk_counts: List[int]) -> GroupSelection:
+        if not self.training and self.options.inference_routing == "aux":
+            return self._select_by_aux_router(name, group_tokens, scores)
+        return self._select_by_expert_choice(scores, chunk_counts)
+
+    def _select_by_expert_choice(self, scores, chunk_counts: List[int]) -> GroupSelection:
+        """Each expert takes its top-k_e tokens of the whole scope (ties: earlier token first)."""
+        num_experts = scores.shape[1]
+        scope_scores = scores.detach()
+        if len(chunk_counts) > 1:
+            scope_scores = gather_from_sequence_parallel_region(
+                scope_scores, tensor_parallel_output_grad=False, group=self.tp_group,
+                output_split_sizes=chunk_counts,
+            )
+        capacity = self.options.expert_capacity(scope_scores.shape[0], num_experts)
+        order = torch.sort(scope_scores, dim=0, descending=True, stable=True).indices
+        chosen = order[:capacity].t().reshape(-1)  # [|E| * k_e], expert-major
+        expert = torch.arange(num_experts, device=scores.device).repeat_interleave(capacity)
+        first = sum(chunk_counts[: self._chunk_rank(len(chunk_counts))])
+        local = (chosen >= first) & (chosen < first + scores.shape[0])
+        rows, expert = chosen[local] - first, expert[local]
+        return GroupSelection(rows, expert, scores[rows, expert])
+
+    def _select_by_aux_router(self, name, group_tokens, scores) -> GroupSelection:
+        """Causal routing: expert j takes token x iff a_j(x) > 0.5."""
+        taken = self.aux_routers[name](group_tokens) > 0.5  # [n, |E|]
+        expert, rows = taken.t().nonzero(as_tuple=True)
+        return GroupSelection(rows, expert, scores[rows, expert])
+
+    def _aux_router_loss(self, name, group_tokens, selection: GroupSelection, shape, scope_tokens):
+        """Binary cross-entropy of the auxiliary router against the assignment, averaged over the
+        scope's tokens and the group's experts (this rank's share of that mean under SP)."""
+        target = torch.zeros(shape, dtype=group_tokens.dtype, device=group_tokens.device)
+        target[selection.rows, selection.expert] = 1.0
+        predicted = self.aux_routers[name](group_tokens.detach())
+        total = F.binary_cross_entropy(predicted, target, reduction="sum")
+        return total / max(1, scope_tokens * shape[1])
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Each group's modules under `{routers,experts,aux_routers}.{modality}.`; the experts
+        keep megatron-core's SequentialMLP mapping to global expert indices under EP."""
+        sharded = {}
+        for kind, groups in self.named_children():
+            for name, module in groups.items():
+                sharded.update(sharded_state_dict_default(
+                    module, f"{prefix}{kind}.{name}.", sharded_offsets, metadata
+                ))
+        return sharded
+
+    def _chunk_rank(self, num_chunks: int) -> int:
+        return self.tp_group.rank() if num_chunks > 1 else 0

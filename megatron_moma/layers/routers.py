@@ -1,0 +1,56 @@
+"""Routers of a MoMa modality group (SPEC.md sections 2 and 3).
+
+Router weights are replicated across tensor-parallel ranks, like Megatron's MoE router. Under
+sequence parallelism each rank sees only its chunk of the tokens, so their gradients are marked
+`sequence_parallel` and megatron-core's `finalize_model_grads` sums them over the TP group.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+
+def _replicated_parameter(config, shape) -> torch.nn.Parameter:
+    weight = torch.nn.Parameter(torch.empty(shape, dtype=config.params_dtype))
+    config.init_method(weight)
+    weight.sequence_parallel = config.sequence_parallel
+    return weight
+
+
+class ExpertChoiceRouter(MegatronModule):
+    """Per-expert affinity of each token: s = sigmoid(x W^T), no softmax across experts.
+
+    With `gumbel_noise`, training scores are sigmoid(x W^T + g1 - g2), g1 and g2 iid Gumbel(0, 1).
+    """
+
+    def __init__(self, config, num_experts: int, gumbel_noise: bool = False):
+        super().__init__(config)
+        self.weight = _replicated_parameter(config, (num_experts, config.hidden_size))
+        self.gumbel_noise = gumbel_noise
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [n, h] -> scores [n, num_experts] in (0, 1)."""
+        logits = F.linear(tokens, self.weight)
+        if self.gumbel_noise and self.training:
+            uniform = torch.rand((2,) + logits.shape, dtype=logits.dtype, device=logits.device)
+            gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
+            logits = logits + gumbel[0] - gumbel[1]
+        return torch.sigmoid(logits)
+
+
+class AuxiliaryRouter(MegatronModule):
+    """Causal stand-in for expert choice: a(x) = sigmoid(silu(x W1) W2), d -> d/2 -> outputs.
+
+    Trained with binary cross-entropy against the expert-choice assignment; at inference a token
+    goes to expert j iff a_j(x) > 0.5.
+    """
+
+    def __init__(self, config, num_outputs: int):
+        super().__init__(config)
+        hidden = config.hidden_size // 2
+        self.linear_in = _replicated_parameter(config, (hidden, config.hidden_size))
+        self.linear_out = _replicated_parameter(config, (num_outputs, hidden))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [n, h] -> probabilities [n, num_outputs]."""
+        return torch.sigmoid(F.linear(F.silu(F.linear(tokens, self.linear_in)), self.linear_out))

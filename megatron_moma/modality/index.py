@@ -1,0 +1,78 @@
+"""The modality index of a micro-batch: where each modality's tokens are, computed once.
+
+Both papers report that recomputing modality masks in every layer (a host-device sync per layer)
+is their main overhead. `ModalityIndex` is built once per micro-batch from the modality ids and
+reused by every layer of the stage; its only host sync is reading the per-modality counts.
+
+Token order is Megatron's hidden-state order: hidden states are [s, b, h], so token (b_i, s_i)
+is row `s_i * b + b_i` of the flattened [s * b, h] view. Under sequence parallelism the tensor-
+parallel rank r holds the contiguous rows of sequence chunk r; `chunk(r, num_chunks)` gives the
+index of those rows, and `chunk_counts(num_chunks)` how many tokens of each modality every chunk
+holds (what an expert-choice router needs to gather scores across the chunks).
+"""
+
+from typing import List
+
+import torch
+
+
+class ModalityIndex:
+    """Rows of each modality in a flattened [s * b] token order.
+
+    Attributes:
+        modality_ids: [n] int64, modality id of each row (n = s * b).
+        permutation: [n] int64, a stable permutation grouping rows by modality: rows of modality
+            m are `permutation[offsets[m]:offsets[m + 1]]`, in increasing row order.
+        inverse_permutation: [n] int64, `inverse_permutation[permutation] == arange(n)`.
+        counts: per-modality row counts (host ints).
+        offsets: prefix sums of `counts`, length num_modalities + 1 (host ints).
+    """
+
+    def __init__(self, modality_ids: torch.Tensor, num_modalities: int):
+        if modality_ids.dim() != 1:
+            raise ValueError(f"modality_ids must be flat [s * b], got shape {tuple(modality_ids.shape)}")
+        self.modality_ids = modality_ids
+        self.num_modalities = num_modalities
+        self.permutation = torch.sort(modality_ids, stable=True).indices
+        self.inverse_permutation = torch.empty_like(self.permutation)
+        self.inverse_permutation[self.permutation] = torch.arange(
+            modality_ids.numel(), device=modality_ids.device
+        )
+        self.counts: List[int] = torch.bincount(modality_ids, minlength=num_modalities).tolist()
+        self.offsets: List[int] = [0]
+        for count in self.counts:
+            self.offsets.append(self.offsets[-1] + count)
+        self._chunks = {}
+
+    @classmethod
+    def from_batch(cls, modality_ids_bs: torch.Tensor, num_modalities: int) -> "ModalityIndex":
+        """From modality ids of shape [b, s] (the data loader's layout)."""
+        return cls(modality_ids_bs.t().reshape(-1), num_modalities)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.modality_ids.numel()
+
+    def rows(self, modality: int) -> torch.Tensor:
+        """[counts[modality]] int64: the rows of `modality`, increasing."""
+        return self.permutation[self.offsets[modality] : self.offsets[modality + 1]]
+
+    def chunk(self, rank: int, num_chunks: int) -> "ModalityIndex":
+        """Index of the rows of sequence chunk `rank` of `num_chunks` (sequence parallelism)."""
+        if num_chunks == 1:
+            return self
+        key = (rank, num_chunks)
+        if key not in self._chunks:
+            rows_per_chunk = self._rows_per_chunk(num_chunks)
+            local = self.modality_ids[rank * rows_per_chunk : (rank + 1) * rows_per_chunk]
+            self._chunks[key] = ModalityIndex(local, self.num_modalities)
+        return self._chunks[key]
+
+    def chunk_counts(self, num_chunks: int) -> List[List[int]]:
+        """counts[chunk][modality]: tokens of each modality in each sequence chunk."""
+        return [self.chunk(r, num_chunks).counts for r in range(num_chunks)]
+
+    def _rows_per_chunk(self, num_chunks: int) -> int:
+        if self.num_tokens % num_chunks:
+            raise ValueError(f"{self.num_tokens} tokens do not split into {num_chunks} sequence chunks")
+        return self.num_tokens // num_chunks

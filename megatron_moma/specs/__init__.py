@@ -1,0 +1,5 @@
+"""ModuleSpecs of modality-aware transformer layers, for Megatron's TransformerBlock."""
+
+from megatron_moma.specs.moma import get_moma_layer_spec
+
+__all__ = ["get_moma_layer_spec"]
