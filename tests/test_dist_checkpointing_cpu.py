@@ -1,52 +1,65 @@
 """megatron-core dist_checkpointing (torch_dist) on CPU: a model saved under one layout loads
-under another with every parameter element equal (the resharding the trainer will rely on)."""
+under another with every parameter element equal (the resharding the trainer will rely on).
+For MoMa this checks every new parameter's sharded_state_dict: routers and auxiliary routers
+replicated over TP and EP, experts by global expert index within their modality group."""
 
 import pytest
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_moma.config import MoMaOptions
 from megatron_moma.parallel.layout import ParallelLayout
 from megatron_moma.testing import gpt_runs
 from megatron_moma.testing.multiprocess import run_on_ranks
 
 MOE = gpt_runs.TinyGPT(num_experts=4)
+MOMA = gpt_runs.TinyGPT(moma=MoMaOptions(experts_per_modality=(2, 2)))
 SPEC = gpt_runs.TrainSpec(optimizer="sgd", lr=0.5, steps=1)
 
 
-def _train_one_step_and_save(layout, directory):
+def _train_one_step_and_save(model, layout, directory):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     gpt_runs.initialize(layout, SPEC)
-    chunks = gpt_runs.build_model(MOE, layout, SPEC)
+    chunks = gpt_runs.build_model(model, layout, SPEC)
     gpt_runs.set_weights_by_global_name(chunks)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="sgd", lr=SPEC.lr, sgd_momentum=0.0, weight_decay=0.0), chunks
     )
-    gpt_runs.train_step(chunks, optimizer, MOE, SPEC, step=0)
+    gpt_runs.train_step(chunks, optimizer, model, SPEC, step=0)
     dist_checkpointing.save(chunks[0].module.sharded_state_dict(), directory)
     return gpt_runs.snapshot_global_slices(chunks)
 
 
-def _load(layout, directory):
+def _load(model, layout, directory):
     gpt_runs.initialize(layout, SPEC)
-    chunks = gpt_runs.build_model(MOE, layout, SPEC)
+    chunks = gpt_runs.build_model(model, layout, SPEC)
     model = chunks[0].module
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), directory))
     return gpt_runs.snapshot_global_slices(chunks)
 
 
+TP2_SP_EP2_ETP1 = ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                                 expert_parallel_size=2, expert_tensor_parallel_size=1)
+
+
 @pytest.mark.parametrize(
-    "save_layout, save_ranks, load_layout, load_ranks",
+    "model, save_layout, save_ranks, load_layout, load_ranks",
     [
-        (ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2), 4,
-         ParallelLayout(), 1),
-        (ParallelLayout(), 1, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2), 4),
+        (MOE, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2),
+         4, ParallelLayout(), 1),
+        (MOE, ParallelLayout(), 1, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2), 4),
+        (MOMA, TP2_SP_EP2_ETP1, 4, ParallelLayout(), 1),
+        (MOMA, ParallelLayout(), 1, TP2_SP_EP2_ETP1, 4),
     ],
-    ids=["tp2-sp-ep2-to-ws1", "ws1-to-pp2-ep2"],
+    ids=["moe-tp2-sp-ep2-to-ws1", "moe-ws1-to-pp2-ep2", "moma-tp2-sp-ep2-to-ws1",
+         "moma-ws1-to-tp2-sp-ep2"],
 )
-def test_checkpoint_reshards_across_layouts(tmp_path, save_layout, save_ranks, load_layout, load_ranks):
-    saved = run_on_ranks(_train_one_step_and_save, save_ranks, save_layout, str(tmp_path), timeout=240)
-    loaded = run_on_ranks(_load, load_ranks, load_layout, str(tmp_path), timeout=240)
+def test_checkpoint_reshards_across_layouts(tmp_path, model, save_layout, save_ranks, load_layout,
+                                            load_ranks):
+    saved = run_on_ranks(_train_one_step_and_save, save_ranks, model, save_layout, str(tmp_path),
+                         timeout=240)
+    loaded = run_on_ranks(_load, load_ranks, model, load_layout, str(tmp_path), timeout=240)
     expected = gpt_runs.assemble_global(saved)
     actual = gpt_runs.assemble_global(loaded)
     assert actual.keys() == expected.keys()

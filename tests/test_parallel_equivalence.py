@@ -1,6 +1,7 @@
-"""megatron-core's own parallelism, run on CPU through megatron_moma.platform, equals world size 1.
+"""Parallel layouts equal world size 1: megatron-core's own parallelism run on CPU through
+megatron_moma.platform, and our MoMa layer under it.
 
-A tiny GPTModel (local spec; dense, and with Megatron's MoE MLP) trains 3 steps from the same
+A tiny GPTModel (local spec; dense, with Megatron's MoE MLP, and with MoMa) trains 3 steps from the same
 weights (set by global parameter name) on the same global batch under each layout. Compared with
 the single-process run of the same model:
 - SGD (plain DDP): loss and grad norm of every step, and the gradient of every parameter element,
@@ -15,12 +16,14 @@ import functools
 import pytest
 import torch
 
+from megatron_moma.config import MoMaOptions
 from megatron_moma.parallel.layout import ParallelLayout
 from megatron_moma.testing import gpt_runs
 from megatron_moma.testing.multiprocess import run_on_ranks
 
 DENSE = gpt_runs.TinyGPT()
 MOE = gpt_runs.TinyGPT(num_experts=4)
+MOMA = gpt_runs.TinyGPT(moma=MoMaOptions(experts_per_modality=(2, 2)))
 SGD = gpt_runs.TrainSpec(optimizer="sgd", lr=0.5)
 ADAM = gpt_runs.TrainSpec(optimizer="adam", lr=1e-2, adam_eps=1e-3)
 
@@ -47,12 +50,21 @@ CASES = [
         tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
         expert_tensor_parallel_size=1)),
     (MOE, 4, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2)),
+    # MoMa 2t2i with auxiliary routers; experts are never tensor-parallel (expert-TP 1).
+    (MOMA, 2, ParallelLayout()),  # DP2
+    (MOMA, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                             expert_tensor_parallel_size=1)),
+    (MOMA, 2, ParallelLayout(pipeline_parallel_size=2)),
+    (MOMA, 2, ParallelLayout(expert_parallel_size=2)),
+    (MOMA, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
+                             expert_tensor_parallel_size=1)),
+    (MOMA, 4, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2)),
 ]
 
 
 def _case_id(case):
     model, world_size, layout = case
-    kind = "moe" if model.num_experts else "dense"
+    kind = "moma" if model.moma else "moe" if model.num_experts else "dense"
     name = layout.name if layout.name != "ws1" else "dp2"
     return f"{kind}-{name}-ws{world_size}"
 

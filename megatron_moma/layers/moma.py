@@ -6,7 +6,9 @@ Replaces the MLP of a Megatron TransformerLayer. For each modality M, with its e
     expert j takes the top k_e tokens by s_j,     k_e = ceil(capacity_factor * n_M / |E_M|)
     y(x) = sum over experts j that took x of s_j(x) * FFN_j(x)      (0 if no expert took x)
 
-A token only ever reaches experts of its own modality's group. The routing scope is the
+A token only ever reaches experts of its own modality's group. A group of one expert has no
+router: every token of its modality goes to that expert with weight 1 (MoMa 1t1i is pure
+modality untying, "no learned routing"). The routing scope is the
 micro-batch on this data-parallel rank: under sequence parallelism the scores of the whole
 sequence are gathered across the tensor-parallel group for the selection (no gradient flows
 through the selection), so the choice is the same whatever the layout. Selected rows go to their
@@ -47,6 +49,13 @@ class GroupSelection:
     weight: torch.Tensor
 
 
+def _every_row(rows: torch.Tensor) -> GroupSelection:
+    """All rows to the group's single expert, weight 1."""
+    positions = torch.arange(rows.numel(), device=rows.device)
+    return GroupSelection(positions, torch.zeros_like(positions),
+                          torch.ones(rows.numel(), device=rows.device))
+
+
 @dataclass
 class MoMaSubmodules:
     """The spec of one expert (Megatron's MLP submodules: linear_fc1, linear_fc2)."""
@@ -68,24 +77,25 @@ class MoMaMLP(MegatronModule, ModalityAware):
         self.ep_group = pg_collection.ep
         ep_size = self.ep_group.size()
         sizes = self.options.experts_per_modality
+        routed = [(name, experts) for name, experts in zip(self.group_names, sizes) if experts > 1]
         self.routers = torch.nn.ModuleDict({
             name: ExpertChoiceRouter(config, experts, self.options.gumbel_noise)
-            for name, experts in zip(self.group_names, sizes)
+            for name, experts in routed
         })
         self.experts = torch.nn.ModuleDict({
             name: SequentialMLP(experts // ep_size, config, submodules.experts, pg_collection)
             for name, experts in zip(self.group_names, sizes)
         })
-        if ep_size == 1 and config.sequence_parallel:
-            # Experts are replicated over TP and see only this rank's sequence chunk. With EP > 1
-            # megatron-core reduces expert grads over the expert-data-parallel group, which holds
-            # the TP peers; with EP = 1 they are dense parameters, so ask finalize_model_grads to
-            # sum them over TP, as it does for sequence-parallel norms.
-            for param in self.experts.parameters():
-                param.sequence_parallel = True
+        # Experts are never tensor-parallel: every TP rank holds whole experts and runs them on
+        # its own sequence chunk, so the TP peers are expert-data-parallel replicas. Megatron
+        # treats expert weights as expert parameters (gradients reduced over the expert-data-
+        # parallel group, norms over the expert-model-parallel group) only when EP > 1; MoMa's
+        # are expert parameters at every EP size.
+        for param in self.experts.parameters():
+            param.allreduce = False
         self.aux_routers = torch.nn.ModuleDict({
-            name: AuxiliaryRouter(config, experts) for name, experts in zip(self.group_names, sizes)
-        }) if self.options.aux_router else None
+            name: AuxiliaryRouter(config, experts) for name, experts in routed
+        }) if self.options.aux_router and routed else None
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """hidden_states [s, b, h] -> (output [s, b, h], None)."""
@@ -100,16 +110,19 @@ class MoMaMLP(MegatronModule, ModalityAware):
         group_rows, selections, aux_losses = [], [], []
         for modality, name in enumerate(self.group_names):
             rows = index.rows(modality)
+            group_rows.append(rows)
+            if name not in self.routers:
+                selections.append(_every_row(rows))
+                continue
             group_tokens = tokens[rows]
             scores = self.routers[name](group_tokens)
             counts = [c[modality] for c in chunk_counts]
             selection = self._select(name, group_tokens, scores, counts)
+            selections.append(selection)
             if self.training and self.aux_routers is not None:
                 aux_losses.append(
                     self._aux_router_loss(name, group_tokens, selection, scores.shape, sum(counts))
                 )
-            group_rows.append(rows)
-            selections.append(selection)
 
         expert_outputs = run_expert_groups(
             [ExpertRows(tokens[rows][s.rows], s.expert) for rows, s in zip(group_rows, selections)],

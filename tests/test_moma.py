@@ -1,0 +1,249 @@
+"""MoMa MLP against an independent pure-torch reference of SPEC.md sections 2 and 3.
+
+The reference below shares no code with megatron_moma.layers: it reads the layer's weights and
+recomputes, token group by token group and expert by expert, what the spec says.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_moma.config import ModalityTransformerConfig, MoMaOptions
+from megatron_moma.layers.moma import MoMaMLP
+from megatron_moma.modality import ModalityIndex, ModalityLayout
+from megatron_moma.modality.context import ModalityContext, attach_context
+from megatron_moma.specs import get_moma_layer_spec
+from megatron_moma.testing.multiprocess import run_on_ranks
+
+HIDDEN, FFN, SEQ, BATCH = 16, 24, 12, 2
+LAYOUT = ModalityLayout.text_and_image(50, 99)  # modality id 0 text, 1 image
+
+
+# ----------------------------------------------------------------------------- reference
+def reference_ffn(x, fc1, fc2):
+    """SwiGLU: fc1 rows are [gate; up] (Megatron's gated_linear_unit layout)."""
+    gate, up = (x @ fc1.t()).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ fc2.t()
+
+
+def reference_moma(x, modality_ids, weights, experts_per_modality, capacity_factor,
+                   route_by_aux=False):
+    """x [n, h], modality_ids [n] -> (output [n, h], assignment per modality [n_m, E_m])."""
+    output = torch.zeros_like(x)
+    assignments = {}
+    for modality, (name, num_experts) in enumerate(zip(("text", "image"), experts_per_modality)):
+        rows = (modality_ids == modality).nonzero().flatten()
+        tokens = x[rows]
+        if num_experts == 1:
+            fc1, fc2 = weights[f"experts.{name}.0"]
+            output[rows] += reference_ffn(tokens, fc1, fc2)
+            continue
+        scores = torch.sigmoid(tokens @ weights[f"routers.{name}"].t())
+        taken = torch.zeros_like(scores)
+        if route_by_aux:
+            w1, w2 = weights[f"aux_routers.{name}"]
+            taken = (torch.sigmoid(F.silu(tokens @ w1.t()) @ w2.t()) > 0.5).to(x.dtype)
+        elif rows.numel():
+            capacity = min(rows.numel(), math.ceil(capacity_factor * rows.numel() / num_experts))
+            for expert in range(num_experts):
+                taken[scores[:, expert].topk(capacity).indices, expert] = 1.0
+        for expert in range(num_experts):
+            fc1, fc2 = weights[f"experts.{name}.{expert}"]
+            contribution = scores[:, expert:expert + 1] * reference_ffn(tokens, fc1, fc2)
+            output[rows] += taken[:, expert:expert + 1] * contribution
+        assignments[name] = taken
+    return output, assignments
+
+
+def reference_aux_loss(x, modality_ids, weights, assignments):
+    total = x.new_zeros(())
+    for modality, name in enumerate(("text", "image")):
+        if name not in assignments:
+            continue
+        tokens = x[(modality_ids == modality).nonzero().flatten()].detach()
+        w1, w2 = weights[f"aux_routers.{name}"]
+        predicted = torch.sigmoid(F.silu(tokens @ w1.t()) @ w2.t())
+        total = total + F.binary_cross_entropy(predicted, assignments[name])
+    return total
+
+
+# ----------------------------------------------------------------------------- the layer
+def build_layer(options: MoMaOptions) -> MoMaMLP:
+    from megatron.core.transformer.spec_utils import build_module
+
+    config = ModalityTransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=2,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        use_cpu_initialization=True, modality_layout=LAYOUT, moma=options,
+    )
+    layer = build_module(get_moma_layer_spec().submodules.mlp, config=config)
+    for param in layer.parameters():  # away from Megatron's tiny init, so routing matters
+        torch.nn.init.normal_(param, std=0.5)
+    return layer
+
+
+def layer_weights(layer: MoMaMLP):
+    weights = {f"routers.{name}": r.weight for name, r in layer.routers.items()}
+    for name, group in layer.experts.items():
+        for j, expert in enumerate(group.local_experts):
+            weights[f"experts.{name}.{j}"] = (expert.linear_fc1.weight, expert.linear_fc2.weight)
+    for name, aux in (layer.aux_routers or {}).items():
+        weights[f"aux_routers.{name}"] = (aux.linear_in, aux.linear_out)
+    return weights
+
+
+def run_layer(layer: MoMaMLP, x, modality_ids_bs, output_grad):
+    """x [s, b, h]; returns (output, x grad) and leaves parameter grads on the layer."""
+    context = ModalityContext()
+    attach_context(layer, context)
+    context.index = ModalityIndex.from_batch(modality_ids_bs, LAYOUT.num_modalities)
+    x = x.clone().requires_grad_(True)
+    output, bias = layer(x)
+    assert bias is None
+    (output * output_grad).sum().backward()
+    return output.detach(), x.grad
+
+
+def random_batch(seed, image_share=0.5):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
+    modality_ids = (torch.rand(BATCH, SEQ, generator=generator) < image_share).long()
+    output_grad = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
+    return x, modality_ids, output_grad
+
+
+def _compare_with_reference(options: MoMaOptions, seed: int, image_share: float, training: bool):
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(seed)
+    layer = build_layer(options)
+    layer.train(training)
+    x, modality_ids_bs, output_grad = random_batch(seed, image_share)
+    output, x_grad = run_layer(layer, x, modality_ids_bs, output_grad)
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in layer.named_parameters()}
+    for p in layer.parameters():
+        p.grad = None
+
+    flat_x = x.reshape(-1, HIDDEN).clone().requires_grad_(True)
+    flat_ids = modality_ids_bs.t().reshape(-1)
+    ref_output, assignments = reference_moma(
+        flat_x, flat_ids, layer_weights(layer), options.experts_per_modality,
+        options.capacity_factor, route_by_aux=not training,
+    )
+    loss = (ref_output * output_grad.reshape(-1, HIDDEN)).sum()
+    if training and options.aux_router:
+        loss = loss + options.aux_loss_coeff * reference_aux_loss(
+            flat_x, flat_ids, layer_weights(layer), assignments
+        )
+    loss.backward()
+    ref_grads = {name: p.grad for name, p in layer.named_parameters()}
+    return (output.reshape(-1, HIDDEN), ref_output.detach(), x_grad.reshape(-1, HIDDEN),
+            flat_x.grad, grads, ref_grads, {k: float(v.sum()) for k, v in assignments.items()})
+
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options, image_share",
+    [
+        (MoMaOptions(experts_per_modality=(4, 4), capacity_factor=1.0), 0.5),
+        (MoMaOptions(experts_per_modality=(2, 3), capacity_factor=1.5, aux_loss_coeff=0.3), 0.3),
+        (MoMaOptions(experts_per_modality=(1, 1)), 0.5),
+        (MoMaOptions(experts_per_modality=(4, 2)), 0.0),  # no image token in the micro-batch
+    ],
+    ids=["4t4i", "2t3i-cf1.5", "1t1i", "4t2i-text-only"],
+)
+def test_expert_choice_training_matches_reference(options, image_share):
+    out, ref_out, x_grad, ref_x_grad, grads, ref_grads, taken = run_on_ranks(
+        _compare_with_reference, 1, options, 7, image_share, True, timeout=120
+    )[0]
+    torch.testing.assert_close(out, ref_out, **TOLERANCE)
+    torch.testing.assert_close(x_grad, ref_x_grad, **TOLERANCE)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert ref_grads[name] is not None, f"{name} is not in the reference graph"
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOLERANCE, msg=name)
+    assert out.abs().sum() > 0
+    if options.experts_per_modality[0] > 1:
+        assert taken["text"] > 0, "expert choice took no text token: nothing was compared"
+
+
+def test_aux_router_inference_matches_reference():
+    options = MoMaOptions(experts_per_modality=(4, 4))
+    out, ref_out, x_grad, ref_x_grad, grads, ref_grads, taken = run_on_ranks(
+        _compare_with_reference, 1, options, 11, 0.5, False, timeout=120
+    )[0]
+    assert 0 < taken["text"] < (SEQ * BATCH) * 4, "aux routing took all or no tokens: weak test"
+    torch.testing.assert_close(out, ref_out, **TOLERANCE)
+    torch.testing.assert_close(x_grad, ref_x_grad, **TOLERANCE)
+
+
+def _one_t_one_i_vs_dense():
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(0)
+    layer = build_layer(MoMaOptions(experts_per_modality=(1, 1)))
+    text = layer.experts["text"].local_experts[0]
+    image = layer.experts["image"].local_experts[0]
+    with torch.no_grad():
+        image.linear_fc1.weight.copy_(text.linear_fc1.weight)
+        image.linear_fc2.weight.copy_(text.linear_fc2.weight)
+    x, modality_ids, grad = random_batch(3)
+    output, _ = run_layer(layer, x, modality_ids, grad)
+    dense, _ = text(x.reshape(-1, HIDDEN))
+    return output.reshape(-1, HIDDEN), dense.detach()
+
+
+def test_1t1i_with_identical_experts_equals_the_dense_mlp():
+    output, dense = run_on_ranks(_one_t_one_i_vs_dense, 1, timeout=120)[0]
+    torch.testing.assert_close(output, dense, **TOLERANCE)
+
+
+def _text_output_under_two_image_experts():
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(0)
+    layer = build_layer(MoMaOptions(experts_per_modality=(2, 2)))
+    x, modality_ids, grad = random_batch(5)
+    first, _ = run_layer(layer, x, modality_ids, grad)
+    with torch.no_grad():
+        for param in layer.experts["image"].parameters():
+            param.mul_(-3.0)
+        layer.routers["image"].weight.add_(1.0)
+    second, _ = run_layer(layer, x, modality_ids, grad)
+    text_rows = (modality_ids.t().reshape(-1) == 0).nonzero().flatten()
+    image_rows = (modality_ids.t().reshape(-1) == 1).nonzero().flatten()
+    flat = lambda t: t.reshape(-1, HIDDEN)  # noqa: E731
+    return flat(first)[text_rows], flat(second)[text_rows], flat(first)[image_rows], flat(second)[image_rows]
+
+
+def test_image_experts_do_not_change_text_outputs():
+    text_before, text_after, image_before, image_after = run_on_ranks(
+        _text_output_under_two_image_experts, 1, timeout=120
+    )[0]
+    torch.testing.assert_close(text_after, text_before, rtol=0, atol=0)
+    assert not torch.allclose(image_after, image_before)
+
+
+def _grads_of_an_absent_modality():
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    layer = build_layer(MoMaOptions(experts_per_modality=(2, 2)))
+    x, _, grad = random_batch(1)
+    run_layer(layer, x, torch.zeros(BATCH, SEQ, dtype=torch.long), grad)
+    return {name: (p.grad is not None, float(p.grad.abs().sum()) if p.grad is not None else None)
+            for name, p in layer.named_parameters()}
+
+
+def test_a_modality_absent_from_the_micro_batch_keeps_its_parameters_in_the_graph():
+    grads = run_on_ranks(_grads_of_an_absent_modality, 1, timeout=120)[0]
+    image_experts = {k: v for k, v in grads.items() if k.startswith("experts.image")}
+    assert image_experts and all(has and total == 0 for has, total in image_experts.values())
+    assert grads["experts.text.local_experts.0.linear_fc1.weight"][1] > 0
