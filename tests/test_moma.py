@@ -29,8 +29,11 @@ def reference_ffn(x, fc1, fc2):
 
 
 def reference_moma(x, modality_ids, weights, experts_per_modality, capacity_factor,
-                   route_by_aux=False):
-    """x [n, h], modality_ids [n] -> (output [n, h], assignment per modality [n_m, E_m])."""
+                   route_by_aux=False, token_choice_topk=None):
+    """x [n, h], modality_ids [n] -> (output [n, h], assignment per modality [n_m, E_m]).
+
+    Expert choice by default; with `token_choice_topk` each token takes its top-k experts of
+    softmax(x W^T) (Megatron's pre-softmax top-k) with those probabilities as weights."""
     output = torch.zeros_like(x)
     assignments = {}
     for modality, (name, num_experts) in enumerate(zip(("text", "image"), experts_per_modality)):
@@ -42,7 +45,10 @@ def reference_moma(x, modality_ids, weights, experts_per_modality, capacity_fact
             continue
         scores = torch.sigmoid(tokens @ weights[f"routers.{name}"].t())
         taken = torch.zeros_like(scores)
-        if route_by_aux:
+        if token_choice_topk:
+            scores = torch.softmax(tokens @ weights[f"routers.{name}"].t(), dim=-1)
+            taken.scatter_(1, scores.topk(token_choice_topk, dim=-1).indices, 1.0)
+        elif route_by_aux:
             w1, w2 = weights[f"aux_routers.{name}"]
             taken = (torch.sigmoid(F.silu(tokens @ w1.t()) @ w2.t()) > 0.5).to(x.dtype)
         elif rows.numel():
@@ -131,10 +137,11 @@ def _compare_with_reference(options: MoMaOptions, seed: int, image_share: float,
     flat_ids = modality_ids_bs.t().reshape(-1)
     ref_output, assignments = reference_moma(
         flat_x, flat_ids, layer_weights(layer), options.experts_per_modality,
-        options.capacity_factor, route_by_aux=not training,
+        options.capacity_factor, route_by_aux=not training and options.routing == "expert_choice",
+        token_choice_topk=options.token_choice_topk if options.routing == "token_choice" else None,
     )
     loss = (ref_output * output_grad.reshape(-1, HIDDEN)).sum()
-    if training and options.aux_router:
+    if training and options.aux_router and options.routing == "expert_choice":
         loss = loss + options.aux_loss_coeff * reference_aux_loss(
             flat_x, flat_ids, layer_weights(layer), assignments
         )
@@ -154,10 +161,13 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)
         (MoMaOptions(experts_per_modality=(2, 3), capacity_factor=1.5, aux_loss_coeff=0.3), 0.3),
         (MoMaOptions(experts_per_modality=(1, 1)), 0.5),
         (MoMaOptions(experts_per_modality=(4, 2)), 0.0),  # no image token in the micro-batch
+        (MoMaOptions(experts_per_modality=(4, 4), routing="token_choice", token_choice_topk=2), 0.5),
+        (MoMaOptions(experts_per_modality=(3, 2), routing="token_choice", token_choice_topk=1), 0.4),
     ],
-    ids=["4t4i", "2t3i-cf1.5", "1t1i", "4t2i-text-only"],
+    ids=["4t4i", "2t3i-cf1.5", "1t1i", "4t2i-text-only", "4t4i-token-choice-top2",
+         "3t2i-token-choice-top1"],
 )
-def test_expert_choice_training_matches_reference(options, image_share):
+def test_training_matches_reference(options, image_share):
     out, ref_out, x_grad, ref_x_grad, grads, ref_grads, taken = run_on_ranks(
         _compare_with_reference, 1, options, 7, image_share, True, timeout=120
     )[0]

@@ -24,6 +24,8 @@ from megatron_moma.testing.multiprocess import run_on_ranks
 DENSE = gpt_runs.TinyGPT()
 MOE = gpt_runs.TinyGPT(num_experts=4)
 MOMA = gpt_runs.TinyGPT(moma=MoMaOptions(experts_per_modality=(2, 2)))
+MOMA_TOKEN_CHOICE = gpt_runs.TinyGPT(moma=MoMaOptions(
+    experts_per_modality=(2, 4), routing="token_choice", token_choice_topk=2))
 SGD = gpt_runs.TrainSpec(optimizer="sgd", lr=0.5)
 ADAM = gpt_runs.TrainSpec(optimizer="adam", lr=1e-2, adam_eps=1e-3)
 
@@ -59,12 +61,20 @@ CASES = [
     (MOMA, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
                              expert_tensor_parallel_size=1)),
     (MOMA, 4, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2)),
+    # Token choice inside each group, with Megatron's load-balancing loss.
+    (MOMA_TOKEN_CHOICE, 2, ParallelLayout(expert_parallel_size=2)),
+    (MOMA_TOKEN_CHOICE, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                                          expert_parallel_size=2, expert_tensor_parallel_size=1)),
 ]
 
 
 def _case_id(case):
     model, world_size, layout = case
-    kind = "moma" if model.moma else "moe" if model.num_experts else "dense"
+    kind = "dense"
+    if model.moma:
+        kind = f"moma-{model.moma.routing.replace('_', '-')}"
+    elif model.num_experts:
+        kind = "moe"
     name = layout.name if layout.name != "ws1" else "dp2"
     return f"{kind}-{name}-ws{world_size}"
 

@@ -53,6 +53,13 @@ class ModalityTransformerConfig(TransformerConfig):
                 "MoMa experts support expert_tensor_parallel_size=1 only (initialise Megatron's "
                 "parallel state with expert_tensor_parallel_size=1 too)"
             )
+        if (self.moma.routing == "token_choice" and self.sequence_parallel
+                and self.moe_router_enable_expert_bias):
+            raise ValueError(
+                "MoMa token choice with expert bias is not supported under sequence parallelism: "
+                "megatron-core 0.16's expert-bias update breaks on the padding mask its "
+                "load-balancing loss needs for unequal per-modality token counts"
+            )
         if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
             raise ValueError(
                 "MoMa with tensor parallelism needs sequence_parallel=True (as Megatron's MoE does)"

@@ -14,12 +14,17 @@ sequence are gathered across the tensor-parallel group for the selection (no gra
 through the selection), so the choice is the same whatever the layout. Selected rows go to their
 experts through `dispatch.expert_parallel`.
 
+With `routing="token_choice"` each group instead has Megatron's TopKRouter over its experts
+(its score function, top-k, load-balancing loss and expert bias, configured by the usual
+`moe_router_*` fields; `token_choice_topk` is the k): causal, so it needs no auxiliary router.
+
 In eval mode with `inference_routing="aux"`, a token goes to expert j iff a_j(x) > 0.5, a the
 auxiliary router; the weight is still s_j(x). In training the auxiliary routers learn the
 expert-choice assignment by binary cross-entropy on detached inputs (so the loss trains the
 auxiliary routers only), attached to the output with Megatron's MoEAuxLossAutoScaler.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -29,6 +34,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 
@@ -78,9 +84,9 @@ class MoMaMLP(MegatronModule, ModalityAware):
         ep_size = self.ep_group.size()
         sizes = self.options.experts_per_modality
         routed = [(name, experts) for name, experts in zip(self.group_names, sizes) if experts > 1]
+        self.expert_choice = self.options.routing == "expert_choice"
         self.routers = torch.nn.ModuleDict({
-            name: ExpertChoiceRouter(config, experts, self.options.gumbel_noise)
-            for name, experts in routed
+            name: self._build_router(config, experts, pg_collection) for name, experts in routed
         })
         self.experts = torch.nn.ModuleDict({
             name: SequentialMLP(experts // ep_size, config, submodules.experts, pg_collection)
@@ -95,7 +101,7 @@ class MoMaMLP(MegatronModule, ModalityAware):
             param.allreduce = False
         self.aux_routers = torch.nn.ModuleDict({
             name: AuxiliaryRouter(config, experts) for name, experts in routed
-        }) if self.options.aux_router and routed else None
+        }) if self.expert_choice and self.options.aux_router and routed else None
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """hidden_states [s, b, h] -> (output [s, b, h], None)."""
@@ -115,6 +121,9 @@ class MoMaMLP(MegatronModule, ModalityAware):
                 selections.append(_every_row(rows))
                 continue
             group_tokens = tokens[rows]
+            if not self.expert_choice:
+                selections.append(self._select_by_token_choice(name, group_tokens))
+                continue
             scores = self.routers[name](group_tokens)
             counts = [c[modality] for c in chunk_counts]
             selection = self._select(name, group_tokens, scores, counts)
@@ -139,6 +148,37 @@ class MoMaMLP(MegatronModule, ModalityAware):
             loss = torch.stack(aux_losses).sum() * self.options.aux_loss_coeff
             output = MoEAuxLossAutoScaler.apply(output, loss)
         return output, None
+
+    def _build_router(self, config, num_experts: int, pg_collection):
+        if self.expert_choice:
+            return ExpertChoiceRouter(config, num_experts, self.options.gumbel_noise)
+        group_config = copy.copy(config)
+        group_config.num_moe_experts = num_experts
+        group_config.moe_router_topk = self.options.token_choice_topk
+        return TopKRouter(config=group_config, pg_collection=pg_collection)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """Called by TransformerLayer; Megatron's routers log their losses per layer."""
+        self.layer_number = layer_number
+        if not self.expert_choice:
+            for router in self.routers.values():
+                router.set_layer_number(layer_number)
+
+    def _select_by_token_choice(self, name, group_tokens) -> GroupSelection:
+        """Each token takes its top-k experts of the group (Megatron's TopKRouter).
+
+        Under sequence parallelism the TP ranks hold different numbers of a modality's tokens;
+        Megatron's load-balancing loss assumes equal counts unless given a padding mask, so it
+        gets an all-False one (no padding: in megatron-core 0.16 True marks padding), which makes
+        it count the tokens across the TP group.
+        """
+        no_padding = None
+        if self.config.sequence_parallel and self.tp_group.size() > 1:
+            no_padding = torch.zeros(group_tokens.shape[0], 1, dtype=torch.bool,
+                                     device=group_tokens.device)
+        probs, routing_map = self.routers[name](group_tokens.unsqueeze(1), padding_mask=no_padding)
+        expert, rows = routing_map.t().nonzero(as_tuple=True)
+        return GroupSelection(rows, expert, probs[rows, expert])
 
     def _select(self, name, group_tokens, scores, chunk_counts: List[int]) -> GroupSelection:
         if not self.training and self.options.inference_routing == "aux":

@@ -109,7 +109,9 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
     config_class, modality = TransformerConfig, {}
     if model.moma is not None:
         config_class = ModalityTransformerConfig
-        modality = dict(modality_layout=model.modality_layout, moma=model.moma)
+        modality = dict(modality_layout=model.modality_layout, moma=model.moma,
+                        moe_router_load_balancing_type="aux_loss",
+                        moe_aux_loss_coeff=model.moe_aux_loss_coeff)
     return config_class(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
