@@ -34,6 +34,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_moma.config import ModalityTransformerConfig, MoMaOptions
 from megatron_moma.modality import ModalityLayout
 from megatron_moma.models import ModalityGPTModel
+from megatron_moma.models.aux_router_stage import train_only_auxiliary_routers
 from megatron_moma.parallel.layout import ParallelLayout
 from megatron_moma.specs import get_moma_layer_spec
 
@@ -74,6 +75,7 @@ class TrainSpec:
     micro_batch_size: int = 1
     global_batch_size: int = 4
     steps: int = 3
+    train_only_auxiliary_routers: bool = False
     optimizer: str = "sgd"
     lr: float = 0.5
     adam_eps: float = 1e-8
@@ -141,7 +143,8 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
 
 
 def build_model(model: TinyGPT, layout: ParallelLayout, spec: TrainSpec) -> List[DistributedDataParallel]:
-    """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron-core DDP."""
+    """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron-core DDP
+    (after freezing all but the auxiliary routers if `spec.train_only_auxiliary_routers`)."""
     config = transformer_config(model, layout)
     model_class = GPTModel
     layer_spec = get_gpt_layer_local_spec(
@@ -166,6 +169,8 @@ def build_model(model: TinyGPT, layout: ParallelLayout, spec: TrainSpec) -> List
             position_embedding_type="rope",
             vp_stage=vp,
         )
+        if spec.train_only_auxiliary_routers:
+            train_only_auxiliary_routers([gpt])
         chunks.append(
             DistributedDataParallel(
                 config=config,
