@@ -1,6 +1,7 @@
 """Configuration of modality-aware models: small option groups inside a TransformerConfig."""
 
 from megatron_moma.config.moma import MoMaOptions
+from megatron_moma.config.mot import MoTOptions
 from megatron_moma.config.transformer import ModalityTransformerConfig
 
-__all__ = ["MoMaOptions", "ModalityTransformerConfig"]
+__all__ = ["MoMaOptions", "MoTOptions", "ModalityTransformerConfig"]

@@ -6,6 +6,7 @@ from typing import Optional
 from megatron.core.transformer import TransformerConfig
 
 from megatron_moma.config.moma import MoMaOptions
+from megatron_moma.config.mot import MoTOptions
 from megatron_moma.modality import ModalityLayout
 
 
@@ -13,7 +14,8 @@ from megatron_moma.modality import ModalityLayout
 class ModalityTransformerConfig(TransformerConfig):
     """TransformerConfig with the modality layout and the options of each modality-aware layer.
 
-    `moma` set makes every MLP a MoMa MLP. The MoMa experts are Megatron expert modules, so
+    `mot` set makes every layer a Mixture-of-Transformers layer (per-modality weights for the
+    components in `mot.untie`); `moma` set makes every MLP a MoMa MLP (inside MoT layers too). The MoMa experts are Megatron expert modules, so
     the Megatron MoE fields follow from `moma`: `num_moe_experts` is the total number of
     experts (it also makes Megatron's schedules scale the auxiliary-router loss like the main
     loss), and `moe_ffn_hidden_size` defaults to `ffn_hidden_size`. Experts are not tensor-
@@ -22,8 +24,13 @@ class ModalityTransformerConfig(TransformerConfig):
 
     modality_layout: ModalityLayout = field(default_factory=ModalityLayout)
     moma: Optional[MoMaOptions] = None
+    mot: Optional[MoTOptions] = None
 
     def __post_init__(self):
+        if self.mot is not None and self.moma is not None and self.mot.norm_placement == "post":
+            raise ValueError("MoT with MoMa MLPs supports norm_placement='pre' only")
+        if self.mot is not None and self.mot.qk_layernorm:
+            self.qk_layernorm = True  # megatron-core then sums QK-norm grads over TP
         if self.moma is not None:
             self._check_moma()
             self.num_moe_experts = self.moma.num_experts

@@ -31,12 +31,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
-from megatron_moma.config import ModalityTransformerConfig, MoMaOptions
+from megatron_moma.config import ModalityTransformerConfig, MoMaOptions, MoTOptions
 from megatron_moma.modality import ModalityLayout
 from megatron_moma.models import ModalityGPTModel
 from megatron_moma.models.aux_router_stage import train_only_auxiliary_routers
 from megatron_moma.parallel.layout import ParallelLayout
-from megatron_moma.specs import get_moma_layer_spec
+from megatron_moma.specs import get_moma_layer_spec, get_mot_layer_spec
 
 GlobalSlices = Tuple[Tuple[int, ...], Tuple, torch.Tensor]  # (global shape, slice, local data)
 
@@ -44,8 +44,8 @@ GlobalSlices = Tuple[Tuple[int, ...], Tuple, torch.Tensor]  # (global shape, sli
 @dataclass(frozen=True)
 class TinyGPT:
     """Shape of the test model. `num_experts=None` is dense; otherwise Megatron's own MoE MLP.
-    `moma` set makes every MLP a MoMa MLP, with text ids below `vocab_size // 2` and image ids
-    from there up."""
+    `moma` set makes every MLP a MoMa MLP and `mot` every layer a MoT layer (with MoMa MLPs if
+    both are set), with text ids below `vocab_size // 2` and image ids from there up."""
 
     num_layers: int = 4
     hidden_size: int = 32
@@ -57,6 +57,7 @@ class TinyGPT:
     moe_router_topk: int = 2
     moe_aux_loss_coeff: float = 1e-2
     moma: Optional[MoMaOptions] = None
+    mot: Optional[MoTOptions] = None
 
     @property
     def modality_layout(self) -> ModalityLayout:
@@ -109,9 +110,9 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
             moe_grouped_gemm=False,
         )
     config_class, modality = TransformerConfig, {}
-    if model.moma is not None:
+    if model.moma is not None or model.mot is not None:
         config_class = ModalityTransformerConfig
-        modality = dict(modality_layout=model.modality_layout, moma=model.moma,
+        modality = dict(modality_layout=model.modality_layout, moma=model.moma, mot=model.mot,
                         moe_router_load_balancing_type="aux_loss",
                         moe_aux_loss_coeff=model.moe_aux_loss_coeff)
     return config_class(
@@ -150,7 +151,10 @@ def build_model(model: TinyGPT, layout: ParallelLayout, spec: TrainSpec) -> List
     layer_spec = get_gpt_layer_local_spec(
         num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
     )
-    if model.moma is not None:
+    if model.mot is not None:
+        model_class = ModalityGPTModel
+        layer_spec = get_mot_layer_spec(model.mot, with_moma=model.moma is not None)
+    elif model.moma is not None:
         model_class, layer_spec = ModalityGPTModel, get_moma_layer_spec(normalization="RMSNorm")
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=spec.use_distributed_optimizer
