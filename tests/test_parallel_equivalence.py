@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 
-from megatron_moma.config import MoMaOptions
+from megatron_moma.config import MoMaOptions, MoTOptions
 from megatron_moma.parallel.layout import ParallelLayout
 from megatron_moma.testing import gpt_runs
 from megatron_moma.testing.multiprocess import run_on_ranks
@@ -26,6 +26,9 @@ MOE = gpt_runs.TinyGPT(num_experts=4)
 MOMA = gpt_runs.TinyGPT(moma=MoMaOptions(experts_per_modality=(2, 2)))
 MOMA_TOKEN_CHOICE = gpt_runs.TinyGPT(moma=MoMaOptions(
     experts_per_modality=(2, 4), routing="token_choice", token_choice_topk=2))
+MOT = gpt_runs.TinyGPT(mot=MoTOptions(qk_layernorm=True))
+MOT_POST_NORM = gpt_runs.TinyGPT(mot=MoTOptions(norm_placement="post", untie={"ffn", "attention"}))
+MOT_MOMA = gpt_runs.TinyGPT(mot=MoTOptions(), moma=MoMaOptions(experts_per_modality=(2, 2)))
 SGD = gpt_runs.TrainSpec(optimizer="sgd", lr=0.5)
 ADAM = gpt_runs.TrainSpec(optimizer="adam", lr=1e-2, adam_eps=1e-3)
 
@@ -65,16 +68,27 @@ CASES = [
     (MOMA_TOKEN_CHOICE, 2, ParallelLayout(expert_parallel_size=2)),
     (MOMA_TOKEN_CHOICE, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
                                           expert_parallel_size=2, expert_tensor_parallel_size=1)),
+    # MoT: every non-embedding weight per modality, global attention.
+    (MOT, 2, ParallelLayout()),  # DP2
+    (MOT, 2, ParallelLayout(tensor_parallel_size=2)),
+    (MOT, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True)),
+    (MOT, 2, ParallelLayout(pipeline_parallel_size=2)),
+    (MOT, 2, ParallelLayout(pipeline_parallel_size=2, virtual_pipeline_parallel_size=2)),
+    (MOT_POST_NORM, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True)),
+    # MoT whose per-modality FFNs are MoMa groups.
+    (MOT_MOMA, 2, ParallelLayout(expert_parallel_size=2)),
+    (MOT_MOMA, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
+                                 expert_tensor_parallel_size=1)),
 ]
 
 
 def _case_id(case):
     model, world_size, layout = case
-    kind = "dense"
-    if model.moma:
+    kind = "moe" if model.num_experts else "dense"
+    if model.mot:
+        kind = f"mot-{model.mot.norm_placement}" + ("+moma" if model.moma else "")
+    elif model.moma:
         kind = f"moma-{model.moma.routing.replace('_', '-')}"
-    elif model.num_experts:
-        kind = "moe"
     name = layout.name if layout.name != "ws1" else "dp2"
     return f"{kind}-{name}-ws{world_size}"
 
