@@ -94,7 +94,11 @@ class VocabularyLayout:
                 )
 
     def _check_sentinels(self) -> None:
+        seen = {}
         for name, token_id in self.sentinels().items():
+            if token_id in seen and {name, seen[token_id]} != {"pad", "eod"}:  # pad may equal eod
+                raise ValueError(f"{name} id {token_id} is also the {seen[token_id]} id")
+            seen.setdefault(token_id, name)
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"{name} id {token_id} is outside the vocabulary [0, {self.vocab_size})")
             for modality_range in self.ranges:
