@@ -49,23 +49,40 @@ def write_corpus(folder, name, records):
     with open(folder / f"{name}.jsonl", "w") as jsonl:
         jsonl.writelines(json.dumps(record) + "\n" for record in records)
     flags = ["--codebook-size", "4", "--codes-per-image", "2", "--append-eod"]
-    assert preprocess(["--input", str(folder / f"{name}.jsonl"), "--output-prefix", str(folder / name), *flags]) == 0
+    assert (
+        preprocess(
+            [
+                "--input",
+                str(folder / f"{name}.jsonl"),
+                "--output-prefix",
+                str(folder / name),
+                *flags,
+            ]
+        )
+        == 0
+    )
     return str(folder / f"{name}_text_document")
 
 
 def build_samples(config_fields, sizes):
     """On a rank: build the splits and return every sample of each as lists (None: no split)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
 
     from megatron_moma.data.dataset import MixedModalDataset, MixedModalDatasetConfig
 
     config = MixedModalDatasetConfig(**config_fields)
     splits = BlendedMegatronDatasetBuilder(MixedModalDataset, sizes, lambda: True, config).build()
     return [
-        None if split is None else [
-            {key: value.tolist() for key, value in split[i].items() if key != "attention_mask"}
-            for i in range(len(split))
-        ]
+        (
+            None
+            if split is None
+            else [
+                {key: value.tolist() for key, value in split[i].items() if key != "attention_mask"}
+                for i in range(len(split))
+            ]
+        )
         for split in splits
     ]
 
@@ -77,7 +94,13 @@ def samples(config_fields, sizes=(None, None, None)):
 
 def config(tmp_path, blend, **fields):
     return dict(
-        dict(random_seed=1234, sequence_length=16, blend=blend, split="1,0,0", path_to_cache=str(tmp_path / "cache")),
+        dict(
+            random_seed=1234,
+            sequence_length=16,
+            blend=blend,
+            split="1,0,0",
+            path_to_cache=str(tmp_path / "cache"),
+        ),
         **fields,
     )
 
@@ -104,7 +127,10 @@ def test_tokens_modalities_positions_and_loss_masks_at_boundaries(tmp_path):
     assert sample["tokens"] == stream[:16] and sample["labels"] == stream[1:]
     assert sample["modality_ids"] == concatenated(DOCUMENT_MODALITIES, order)[:16]
     assert sample["loss_mask"] == concatenated(DOCUMENT_LOSS_MASKS, order)[:16]
-    assert sample["position_ids"] == concatenated([list(range(len(d))) for d in DOCUMENT_TOKENS], order)[:16]
+    assert (
+        sample["position_ids"]
+        == concatenated([list(range(len(d))) for d in DOCUMENT_TOKENS], order)[:16]
+    )
 
 
 def test_modality_loss_weights_follow_the_label_modality(tmp_path):
@@ -119,7 +145,10 @@ def test_modality_loss_weights_follow_the_label_modality(tmp_path):
 
 def lettered_documents(letters):
     """Document k: three lowercase letters, an image, three uppercase letters (+ EOD)."""
-    records = [{"text": [{"text": c * 3}, {"image": [k % 4, 3 - k % 4]}, {"text": c.upper() * 3}]} for k, c in enumerate(letters)]
+    records = [
+        {"text": [{"text": c * 3}, {"image": [k % 4, 3 - k % 4]}, {"text": c.upper() * 3}]}
+        for k, c in enumerate(letters)
+    ]
     tokens = [
         [ord(c)] * 3 + [BOI, 260 + k % 4, 263 - k % 4, EOI] + [ord(c.upper())] * 3 + [EOD]
         for k, c in enumerate(letters)
@@ -131,12 +160,18 @@ def test_splits_are_made_of_whole_documents_and_padded_with_masked_loss(tmp_path
     records, tokens = lettered_documents("abcdef")  # 11 tokens each
     prefix = write_corpus(tmp_path / "corpus", "letters", records)
     fields = config(
-        tmp_path, ([prefix], None), split="2,1,0", sequence_length=43, drop_last_partial_validation_sequence=False
+        tmp_path,
+        ([prefix], None),
+        split="2,1,0",
+        sequence_length=43,
+        drop_last_partial_validation_sequence=False,
     )
     train, valid, test = samples(fields)
     assert test is None
     (train_sample,) = train  # documents 0-3: 44 tokens
-    assert document_order(train_sample["tokens"] + train_sample["labels"][-1:], tokens[:4]) is not None
+    assert (
+        document_order(train_sample["tokens"] + train_sample["labels"][-1:], tokens[:4]) is not None
+    )
     (valid_sample,) = valid  # documents 4-5: 22 tokens, then padding
     real = valid_sample["tokens"][:22]
     assert document_order(real, tokens[4:]) is not None
@@ -145,8 +180,12 @@ def test_splits_are_made_of_whole_documents_and_padded_with_masked_loss(tmp_path
 
 
 def test_blend_draws_samples_in_proportion_to_the_weights(tmp_path):
-    a_prefix = write_corpus(tmp_path / "a", "a", [{"text": [{"text": "aa"}, {"image": [0, 0]}]}] * 5)
-    b_prefix = write_corpus(tmp_path / "b", "b", [{"text": [{"text": "bb"}, {"image": [3, 3]}]}] * 5)
+    a_prefix = write_corpus(
+        tmp_path / "a", "a", [{"text": [{"text": "aa"}, {"image": [0, 0]}]}] * 5
+    )
+    b_prefix = write_corpus(
+        tmp_path / "b", "b", [{"text": [{"text": "bb"}, {"image": [3, 3]}]}] * 5
+    )
     fields = config(tmp_path, ([a_prefix, b_prefix], [1.0, 3.0]), sequence_length=4)
     train = samples(fields, sizes=(8, 0, 0))[0]
     sources = ["a" if {97, 260} & set(s["tokens"] + s["labels"]) else "b" for s in train]
@@ -174,12 +213,35 @@ def test_vocabulary_comes_from_the_sidecars_which_must_agree(tmp_path):
 
     a_prefix = write_corpus(tmp_path / "a", "a", DOCUMENTS)
     found = MixedModalDatasetConfig(**config(tmp_path, ([a_prefix], None))).vocabulary
-    assert found == VocabularyLayout(264, (ModalityRange("image", 260, 263),), eod=EOD, pad=PAD, begin_of_image=BOI, end_of_image=EOI)
+    assert found == VocabularyLayout(
+        264,
+        (ModalityRange("image", 260, 263),),
+        eod=EOD,
+        pad=PAD,
+        begin_of_image=BOI,
+        end_of_image=EOI,
+    )
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "b.jsonl").write_text(json.dumps({"text": [{"image": [1, 2]}]}) + "\n")
-    assert preprocess(["--input", str(tmp_path / "b" / "b.jsonl"), "--output-prefix", str(tmp_path / "b" / "b"), "--codebook-size", "8"]) == 0
-    with pytest.raises(ValueError, match="b_text_document.vocab.json: vocabulary layout .* differs from"):
-        MixedModalDatasetConfig(**config(tmp_path, ([a_prefix, str(tmp_path / "b" / "b_text_document")], None)))
+    assert (
+        preprocess(
+            [
+                "--input",
+                str(tmp_path / "b" / "b.jsonl"),
+                "--output-prefix",
+                str(tmp_path / "b" / "b"),
+                "--codebook-size",
+                "8",
+            ]
+        )
+        == 0
+    )
+    with pytest.raises(
+        ValueError, match="b_text_document.vocab.json: vocabulary layout .* differs from"
+    ):
+        MixedModalDatasetConfig(
+            **config(tmp_path, ([a_prefix, str(tmp_path / "b" / "b_text_document")], None))
+        )
 
 
 def test_unknown_modality_in_loss_weights_is_refused(tmp_path):
@@ -187,4 +249,6 @@ def test_unknown_modality_in_loss_weights_is_refused(tmp_path):
 
     prefix = write_corpus(tmp_path / "corpus", "docs", DOCUMENTS)
     with pytest.raises(ValueError, match=r"modality_loss_weights names \['video'\]"):
-        MixedModalDatasetConfig(**config(tmp_path, ([prefix], None), modality_loss_weights={"video": 2.0}))
+        MixedModalDatasetConfig(
+            **config(tmp_path, ([prefix], None), modality_loss_weights={"video": 2.0})
+        )

@@ -105,7 +105,9 @@ def test_vocabulary_map_as_a_list(tmp_path):
 
 def chameleon_names(count):
     """Chameleon's image token names: IMGIMG + digits spelled A-J + Z (code 10 -> IMGIMGBAZ)."""
-    return ["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z" for code in range(count)]
+    return [
+        "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z" for code in range(count)
+    ]
 
 
 @pytest.mark.parametrize("wrapped_in_tokenizer_json", [False, True])

@@ -37,8 +37,13 @@ def records(folder):
 
 def image_and_caption(record):
     kinds = [next(iter(segment)) for segment in record["text"]]
-    assert kinds == (["text", "image"] if record["direction"] == "caption-image" else ["image", "text"])
-    return record["text"][kinds.index("image")]["image"], record["text"][kinds.index("text")]["text"]
+    assert kinds == (
+        ["text", "image"] if record["direction"] == "caption-image" else ["image", "text"]
+    )
+    return (
+        record["text"][kinds.index("image")]["image"],
+        record["text"][kinds.index("text")]["text"],
+    )
 
 
 def test_captions_name_the_digit_in_both_directions(corpus):
@@ -73,18 +78,33 @@ def test_code_files_hold_the_quantized_digits_in_each_format(corpus):
 
 
 def test_same_seed_same_corpus_and_prefixes_do_not_depend_on_the_count(corpus, tmp_path):
-    assert make_sample_data(["--output-dir", str(tmp_path / "again"), "--num-images", str(IMAGES)]) == 0
-    assert (tmp_path / "again" / "digits.jsonl").read_bytes() == (corpus / "digits.jsonl").read_bytes()
+    assert (
+        make_sample_data(["--output-dir", str(tmp_path / "again"), "--num-images", str(IMAGES)])
+        == 0
+    )
+    assert (tmp_path / "again" / "digits.jsonl").read_bytes() == (
+        corpus / "digits.jsonl"
+    ).read_bytes()
     assert make_sample_data(["--output-dir", str(tmp_path / "fewer"), "--num-images", "5"]) == 0
     assert records(tmp_path / "fewer") == records(corpus)[:5]
-    assert make_sample_data(["--output-dir", str(tmp_path / "seed"), "--num-images", str(IMAGES), "--seed", "5"]) == 0
+    assert (
+        make_sample_data(
+            ["--output-dir", str(tmp_path / "seed"), "--num-images", str(IMAGES), "--seed", "5"]
+        )
+        == 0
+    )
     assert records(tmp_path / "seed") != records(corpus)
 
 
 def test_preprocessed_corpus_round_trips_and_modality_ids_match_the_modes(corpus):
     prefix = corpus / "digits"
     flags = ["--codebook-size", "8", "--codes-per-image", "64", "--append-eod", "--workers", "2"]
-    assert preprocess(["--input", str(corpus / "digits.jsonl"), "--output-prefix", str(prefix), *flags]) == 0
+    assert (
+        preprocess(
+            ["--input", str(corpus / "digits.jsonl"), "--output-prefix", str(prefix), *flags]
+        )
+        == 0
+    )
     documents = MixedModalDocuments(f"{prefix}_text_document")
     layout = read_sidecar(f"{prefix}_text_document.vocab.json")
     tokenizer = ByteLevelTokenizer()
@@ -93,11 +113,19 @@ def test_preprocessed_corpus_round_trips_and_modality_ids_match_the_modes(corpus
         _, caption = image_and_caption(record)
         image = [BOI] + [FIRST_CODE_ID + code for code in expected_codes(number)] + [EOI]
         text = tokenizer.tokenize(caption)
-        expected = text + image + [EOD] if record["direction"] == "caption-image" else image + text + [EOD]
+        expected = (
+            text + image + [EOD] if record["direction"] == "caption-image" else image + text + [EOD]
+        )
         tokens = documents.get(number)
         assert tokens.tolist() == expected
         # Modality from the stored modes (sentinels are text), against the layout's function of ids.
         first, last = documents.indexed.document_indices[number : number + 2]
         sequences, modes = documents.indexed[int(first) : int(last)]
-        from_modes = sum(([0] + [1] * (len(s) - 2) + [0] if m == 1 else [0] * len(s) for s, m in zip(sequences, modes)), [])
+        from_modes = sum(
+            (
+                [0] + [1] * (len(s) - 2) + [0] if m == 1 else [0] * len(s)
+                for s, m in zip(sequences, modes)
+            ),
+            [],
+        )
         assert layout.modality_ids(tokens).tolist() == from_modes

@@ -20,7 +20,10 @@ def three_modality_layout() -> VocabularyLayout:
     return VocabularyLayout(
         vocab_size=100,
         ranges=(ModalityRange("speech", 60, 69), ModalityRange("image", 40, 59)),
-        eod=0, pad=3, begin_of_image=1, end_of_image=2,
+        eod=0,
+        pad=3,
+        begin_of_image=1,
+        end_of_image=2,
     )
 
 
@@ -45,12 +48,20 @@ def test_modality_ids_of_torch_tokens_keep_their_shape():
     "ranges, sentinels, message",
     [
         ((ModalityRange("image", 10, 20), ModalityRange("speech", 20, 30)), {}, "overlaps"),
-        ((ModalityRange("image", 10, 20),), {"begin_of_image": 15}, "begin_of_image id 15 lies in the image range"),
+        (
+            (ModalityRange("image", 10, 20),),
+            {"begin_of_image": 15},
+            "begin_of_image id 15 lies in the image range",
+        ),
         ((ModalityRange("image", 10, 20),), {"eod": 10}, "eod id 10 lies in the image range"),
         ((ModalityRange("image", 90, 100),), {}, "outside the vocabulary of 100 ids"),
         ((ModalityRange("image", 10, 20), ModalityRange("image", 30, 40)), {}, "one id range"),
         ((), {"pad": 100}, r"pad id 100 is outside the vocabulary \[0, 100\)"),
-        ((), {"begin_of_image": 5, "end_of_image": 5}, "end_of_image id 5 is also the begin_of_image id"),
+        (
+            (),
+            {"begin_of_image": 5, "end_of_image": 5},
+            "end_of_image id 5 is also the begin_of_image id",
+        ),
         ((), {"pad": 7, "end_of_image": 7}, "end_of_image id 7 is also the pad id"),
     ],
 )
@@ -86,5 +97,7 @@ def test_sidecar_round_trip(tmp_path):
 def test_sidecar_of_another_format_is_refused_with_its_path(tmp_path):
     path = tmp_path / "other.vocab.json"
     path.write_text(json.dumps({"format": "something else", "version": 1}))
-    with pytest.raises(ValueError, match="other.vocab.json: not a 'megatron-moma vocabulary layout'"):
+    with pytest.raises(
+        ValueError, match="other.vocab.json: not a 'megatron-moma vocabulary layout'"
+    ):
         read_sidecar(str(path))

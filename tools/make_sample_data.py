@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Make the bundled digits sample corpus (megatron_moma/data/sample_corpus.py; installed as `moma-sample-data`)."""
+"""Make the bundled digits sample corpus (no download).
+
+A thin wrapper around megatron_moma/data/sample_corpus.py, also installed as `moma-sample-data`.
+"""
 
 import os
 import sys

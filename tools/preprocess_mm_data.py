@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Preprocess JSON lines of text and image codes into megatron indexed datasets (megatron_moma/data/preprocess.py; installed as `moma-preprocess`)."""
+"""Preprocess JSON lines of text and image codes into megatron indexed datasets.
+
+A thin wrapper around megatron_moma/data/preprocess.py, also installed as `moma-preprocess`.
+"""
 
 import os
 import sys

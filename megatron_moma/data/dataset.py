@@ -27,7 +27,12 @@ import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_moma.data.vocabulary import MODALITY_NAMES, VocabularyLayout, read_sidecar, sidecar_path
+from megatron_moma.data.vocabulary import (
+    MODALITY_NAMES,
+    VocabularyLayout,
+    read_sidecar,
+    sidecar_path,
+)
 
 
 class MixedModalDocuments:
@@ -40,7 +45,9 @@ class MixedModalDocuments:
     def __init__(self, path_prefix: str, mmap: bool = True):
         self.path_prefix = path_prefix
         self.indexed = IndexedDataset(path_prefix, multimodal=True, mmap=mmap)
-        sequence_ends = numpy.concatenate([[0], numpy.cumsum(self.indexed.sequence_lengths, dtype=numpy.int64)])
+        sequence_ends = numpy.concatenate(
+            [[0], numpy.cumsum(self.indexed.sequence_lengths, dtype=numpy.int64)]
+        )
         document_indices = self.indexed.document_indices
         self.sequence_lengths = (
             sequence_ends[document_indices[1:]] - sequence_ends[document_indices[:-1]]
@@ -53,7 +60,9 @@ class MixedModalDocuments:
     def get(self, document: int, offset: int = 0, length: Optional[int] = None) -> numpy.ndarray:
         if length is None:
             length = int(self.sequence_lengths[document]) - offset
-        tokens, _ = self.indexed.get(int(self.first_sequence[document]), offset=offset, length=length)
+        tokens, _ = self.indexed.get(
+            int(self.first_sequence[document]), offset=offset, length=length
+        )
         return tokens
 
 
@@ -86,12 +95,16 @@ class MixedModalDatasetConfig(GPTDatasetConfig):
     def __post_init__(self) -> None:
         self.vocabulary = _agreed_layout(self.vocabulary, self._dataset_prefixes())
         if self.vocabulary is None:
-            raise ValueError("no vocabulary layout: pass `vocabulary` or blend datasets with .vocab.json sidecars")
+            raise ValueError(
+                "no vocabulary layout: pass `vocabulary` or blend datasets with .vocab.json sidecars"
+            )
         if self.tokenizer is None:
             self.tokenizer = _LayoutSpecialTokens(self.vocabulary)
         unknown = set(self.modality_loss_weights or {}) - set(MODALITY_NAMES)
         if unknown:
-            raise ValueError(f"modality_loss_weights names {sorted(unknown)}; modalities are {MODALITY_NAMES}")
+            raise ValueError(
+                f"modality_loss_weights names {sorted(unknown)}; modalities are {MODALITY_NAMES}"
+            )
         super().__post_init__()
 
     def _dataset_prefixes(self) -> List[str]:
@@ -99,7 +112,9 @@ class MixedModalDatasetConfig(GPTDatasetConfig):
         return [prefix for blend in blends if blend is not None for prefix in blend[0]]
 
 
-def _agreed_layout(layout: Optional[VocabularyLayout], prefixes: List[str]) -> Optional[VocabularyLayout]:
+def _agreed_layout(
+    layout: Optional[VocabularyLayout], prefixes: List[str]
+) -> Optional[VocabularyLayout]:
     """`layout`, or the sidecars' layout; raises ValueError if a sidecar disagrees."""
     for prefix in prefixes:
         path = sidecar_path(prefix)
@@ -118,8 +133,12 @@ class MixedModalDataset(GPTDataset):
 
     config: MixedModalDatasetConfig
 
-    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
-        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+    def __init__(
+        self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config
+    ):
+        super().__init__(
+            indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config
+        )
         weights = numpy.ones(len(MODALITY_NAMES), dtype=numpy.float32)
         for name, weight in (config.modality_loss_weights or {}).items():
             weights[MODALITY_NAMES.index(name)] = weight
@@ -131,7 +150,9 @@ class MixedModalDataset(GPTDataset):
         return len(low_level_dataset)
 
     @staticmethod
-    def build_low_level_dataset(dataset_path: str, config: MixedModalDatasetConfig) -> MixedModalDocuments:
+    def build_low_level_dataset(
+        dataset_path: str, config: MixedModalDatasetConfig
+    ) -> MixedModalDocuments:
         return MixedModalDocuments(dataset_path, mmap=config.mmap_bin_files)
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
@@ -139,5 +160,8 @@ class MixedModalDataset(GPTDataset):
         layout = self.config.vocabulary
         sample["modality_ids"] = layout.modality_ids(sample["tokens"])
         if self.config.modality_loss_weights:
-            sample["loss_mask"] = sample["loss_mask"] * self.modality_loss_weights[layout.modality_ids(sample["labels"])]
+            sample["loss_mask"] = (
+                sample["loss_mask"]
+                * self.modality_loss_weights[layout.modality_ids(sample["labels"])]
+            )
         return sample

@@ -19,7 +19,12 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
 from megatron_moma.data.records import EncodedDocument
-from megatron_moma.data.vocabulary import MODALITY_NAMES, VocabularyLayout, sidecar_path, write_sidecar
+from megatron_moma.data.vocabulary import (
+    MODALITY_NAMES,
+    VocabularyLayout,
+    sidecar_path,
+    write_sidecar,
+)
 
 
 def dataset_prefix(output_prefix: str, key: str) -> str:
@@ -40,10 +45,14 @@ class MixedModalDatasetWriter:
         self.json_keys = tuple(json_keys)
         self.dtype = dtype
         output_dir = os.path.dirname(os.path.abspath(output_prefix))
-        self.temp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}.", suffix=".tmp", dir=output_dir)
+        self.temp_dir = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(output_prefix)}.", suffix=".tmp", dir=output_dir
+        )
         self.partition_prefixes: List[Dict[str, str]] = []
         self.builders: Dict[str, IndexedDatasetBuilder] = {}
-        self.token_counts = {key: numpy.zeros(len(MODALITY_NAMES), dtype=numpy.int64) for key in self.json_keys}
+        self.token_counts = {
+            key: numpy.zeros(len(MODALITY_NAMES), dtype=numpy.int64) for key in self.json_keys
+        }
         self.documents = 0
 
     def __enter__(self) -> "MixedModalDatasetWriter":
@@ -56,7 +65,9 @@ class MixedModalDatasetWriter:
         """Close the current partition (if any) and open the next one."""
         self._finalize_partition()
         number = len(self.partition_prefixes)
-        prefixes = {key: os.path.join(self.temp_dir, f"part{number:05d}_{key}") for key in self.json_keys}
+        prefixes = {
+            key: os.path.join(self.temp_dir, f"part{number:05d}_{key}") for key in self.json_keys
+        }
         self.partition_prefixes.append(prefixes)
         self.builders = {
             key: IndexedDatasetBuilder(get_bin_path(prefix), dtype=self.dtype, multimodal=True)
@@ -66,11 +77,15 @@ class MixedModalDatasetWriter:
     def add(self, documents: Dict[str, EncodedDocument]) -> None:
         """Append one record's document to each key's dataset."""
         for key, document in documents.items():
-            self.builders[key].add_document(torch.from_numpy(document.tokens), document.lengths, document.modes)
+            self.builders[key].add_document(
+                torch.from_numpy(document.tokens), document.lengths, document.modes
+            )
             numpy.add.at(self.token_counts[key], document.modes, document.lengths)
         self.documents += 1
 
-    def commit(self, layout: VocabularyLayout, source: dict, rejected: Optional[List[dict]]) -> List[str]:
+    def commit(
+        self, layout: VocabularyLayout, source: dict, rejected: Optional[List[dict]]
+    ) -> List[str]:
         """Merge the partitions, write sidecars (and the rejected list), rename into place.
 
         Returns the paths written.
@@ -85,7 +100,9 @@ class MixedModalDatasetWriter:
         if rejected is not None:
             staged_rejected = os.path.join(self.temp_dir, "rejected.jsonl")
             with open(staged_rejected, "w", encoding="utf-8") as rejected_file:
-                rejected_file.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in rejected)
+                rejected_file.writelines(
+                    json.dumps(entry, ensure_ascii=False) + "\n" for entry in rejected
+                )
             staged[staged_rejected] = rejected_path(self.output_prefix)
         for staged_path, final_path in staged.items():
             os.replace(staged_path, final_path)
@@ -108,7 +125,10 @@ class MixedModalDatasetWriter:
             for part in parts:
                 builder.add_index(part)
             builder.finalize(get_idx_path(merged))
-        return {get_bin_path(merged): get_bin_path(final), get_idx_path(merged): get_idx_path(final)}
+        return {
+            get_bin_path(merged): get_bin_path(final),
+            get_idx_path(merged): get_idx_path(final),
+        }
 
     def _describe(self, key: str, source: dict) -> dict:
         tokens = {name: int(count) for name, count in zip(MODALITY_NAMES, self.token_counts[key])}

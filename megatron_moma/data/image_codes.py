@@ -57,11 +57,15 @@ def _describe_dtype(array: numpy.ndarray) -> str:
     return "non-numeric values" if array.dtype.kind in "OUS" else f"dtype {array.dtype}"
 
 
-def load_code_file(path: str, key: Optional[str] = None, index: Optional[int] = None) -> numpy.ndarray:
+def load_code_file(
+    path: str, key: Optional[str] = None, index: Optional[int] = None
+) -> numpy.ndarray:
     """One image's codes from a code file (layouts in the module docstring): [N] int64."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in CODE_FILE_SUFFIXES:
-        raise CodeError(f"code file {path!r} has suffix {suffix!r}; expected one of {CODE_FILE_SUFFIXES}")
+        raise CodeError(
+            f"code file {path!r} has suffix {suffix!r}; expected one of {CODE_FILE_SUFFIXES}"
+        )
     if not os.path.isfile(path):
         raise CodeError(f"code file {path!r} not found")
     try:
@@ -69,7 +73,9 @@ def load_code_file(path: str, key: Optional[str] = None, index: Optional[int] = 
     except CodeError:
         raise
     except Exception as error:  # numpy/torch/zip raise many types for a damaged file
-        raise CodeError(f"cannot read code file {path!r}: {type(error).__name__}: {error}") from error
+        raise CodeError(
+            f"cannot read code file {path!r}: {type(error).__name__}: {error}"
+        ) from error
     return codes_from_array(array, index)
 
 
@@ -84,20 +90,26 @@ def _read_array(path: str, suffix: str, key: Optional[str]) -> Any:
         loaded = loaded[_pick_key(path, list(loaded.keys()), key, PTH_DEFAULT_KEYS)]
     if isinstance(loaded, torch.Tensor):
         return loaded.numpy()
-    raise CodeError(f"code file {path!r} holds {type(loaded).__name__}; expected a tensor or a dict of tensors")
+    raise CodeError(
+        f"code file {path!r} holds {type(loaded).__name__}; expected a tensor or a dict of tensors"
+    )
 
 
 def _pick_key(path: str, keys: list, key: Optional[str], defaults: Tuple[str, ...]) -> str:
     if key is not None:
         if key not in keys:
-            raise CodeError(f"code file {path!r} has no key {key!r}; it has {sorted(map(str, keys))}")
+            raise CodeError(
+                f"code file {path!r} has no key {key!r}; it has {sorted(map(str, keys))}"
+            )
         return key
     for default in defaults:
         if default in keys:
             return default
     if len(keys) == 1:
         return keys[0]
-    raise CodeError(f"code file {path!r} holds keys {sorted(map(str, keys))}; give 'key' to pick one")
+    raise CodeError(
+        f"code file {path!r} holds keys {sorted(map(str, keys))}; give 'key' to pick one"
+    )
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,9 @@ class ImageVocabulary:
     def to_ids(self, codes: numpy.ndarray) -> numpy.ndarray:
         """[N] codes -> [N] vocabulary ids, after checking the count and the codebook range."""
         if self.codes_per_image is not None and codes.size != self.codes_per_image:
-            raise CodeError(f"{codes.size} codes, expected {self.codes_per_image} per image (--codes-per-image)")
+            raise CodeError(
+                f"{codes.size} codes, expected {self.codes_per_image} per image (--codes-per-image)"
+            )
         outside = (codes < 0) | (codes >= self.codebook_size)
         if outside.any():
             raise CodeError(
@@ -148,7 +162,9 @@ def image_vocabulary_from_map(path: str, codes_per_image: Optional[int] = None) 
             raise CodeError(f"vocabulary map {path!r} is not valid JSON: {error}") from error
     code_to_id = numpy.asarray(_code_to_id_list(path, loaded), dtype=numpy.int64)
     first_id = int(code_to_id.min())
-    if not numpy.array_equal(numpy.sort(code_to_id), numpy.arange(first_id, first_id + code_to_id.size)):
+    if not numpy.array_equal(
+        numpy.sort(code_to_id), numpy.arange(first_id, first_id + code_to_id.size)
+    ):
         raise CodeError(
             f"vocabulary map {path!r}: the ids of its {code_to_id.size} codes are not one "
             "contiguous range (each modality must own a contiguous id range)"
@@ -164,9 +180,15 @@ def _code_to_id_list(path: str, loaded: Any) -> list:
     elif isinstance(loaded, dict):
         code_to_id = _chameleon_code_to_id(path, loaded)
     else:
-        raise CodeError(f"vocabulary map {path!r}: expected a JSON list or object, got {type(loaded).__name__}")
-    if not code_to_id or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in code_to_id):
-        raise CodeError(f"vocabulary map {path!r}: expected a non-empty list of non-negative integer ids")
+        raise CodeError(
+            f"vocabulary map {path!r}: expected a JSON list or object, got {type(loaded).__name__}"
+        )
+    if not code_to_id or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in code_to_id
+    ):
+        raise CodeError(
+            f"vocabulary map {path!r}: expected a non-empty list of non-negative integer ids"
+        )
     return code_to_id
 
 
@@ -176,7 +198,9 @@ def _chameleon_code_to_id(path: str, name_to_id: dict) -> list:
     for name, token_id in name_to_id.items():
         if not name.startswith(CHAMELEON_IMAGE_PREFIX):
             continue
-        digits = "".join(_CHAMELEON_DIGITS.get(c, c) for c in name[len(CHAMELEON_IMAGE_PREFIX) : -1])
+        digits = "".join(
+            _CHAMELEON_DIGITS.get(c, c) for c in name[len(CHAMELEON_IMAGE_PREFIX) : -1]
+        )
         if not digits.isdigit():
             raise CodeError(f"vocabulary map {path!r}: cannot read a code number from {name!r}")
         id_of_code[int(digits)] = token_id

@@ -47,49 +47,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moma-preprocess", description=__doc__.split("\n")[0])
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="JSON-lines file of records")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="record fields to write, one dataset each")
+    group.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="record fields to write, one dataset each"
+    )
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=BYTE_LEVEL)
     group.add_argument("--tokenizer-model", help="local folder of a Hugging Face tokenizer")
-    group.add_argument("--vocab-size", type=int, help="total vocabulary size (padded); default: the largest id + 1")
+    group.add_argument(
+        "--vocab-size", type=int, help="total vocabulary size (padded); default: the largest id + 1"
+    )
     group = parser.add_argument_group("image codes")
-    group.add_argument("--codebook-size", type=int, help="number of VQ codes, e.g. 8192 for Chameleon")
+    group.add_argument(
+        "--codebook-size", type=int, help="number of VQ codes, e.g. 8192 for Chameleon"
+    )
     group.add_argument("--image-code-offset", type=int, help="vocabulary id of code 0")
-    group.add_argument("--image-vocab-map", help="JSON code -> id map (a list, or Chameleon's IMGIMG names)")
-    group.add_argument("--codes-per-image", type=int, help="exact number of codes every image must have")
+    group.add_argument(
+        "--image-vocab-map", help="JSON code -> id map (a list, or Chameleon's IMGIMG names)"
+    )
+    group.add_argument(
+        "--codes-per-image", type=int, help="exact number of codes every image must have"
+    )
     group.add_argument("--begin-of-image-id", type=int)
     group.add_argument("--end-of-image-id", type=int)
     group = parser.add_argument_group("output data")
-    group.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx/.vocab.json")
-    group.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document id")
-    group.add_argument("--skip-bad", action="store_true", help="skip bad records, listing them in {prefix}_rejected.jsonl")
+    group.add_argument(
+        "--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx/.vocab.json"
+    )
+    group.add_argument(
+        "--append-eod", action="store_true", help="end every document with the end-of-document id"
+    )
+    group.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad records, listing them in {prefix}_rejected.jsonl",
+    )
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="encoding processes")
-    group.add_argument("--partitions", type=int, default=1, help="contiguous input parts, merged at the end")
-    group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
+    group.add_argument(
+        "--partitions", type=int, default=1, help="contiguous input parts, merged at the end"
+    )
+    group.add_argument(
+        "--log-interval", type=int, default=1000, help="documents between progress lines"
+    )
     return parser
 
 
-def build_vocabulary(tokenizer, args: argparse.Namespace) -> Tuple[VocabularyLayout, Optional[ImageVocabulary]]:
+def build_vocabulary(
+    tokenizer, args: argparse.Namespace
+) -> Tuple[VocabularyLayout, Optional[ImageVocabulary]]:
     """The vocabulary layout (module docstring) and the image-code mapping, from the flags."""
     next_free = tokenizer.vocab_size
     has_images = args.codebook_size is not None or args.image_vocab_map is not None
     sentinels = {}
-    for name, flag in (("begin_of_image", args.begin_of_image_id), ("end_of_image", args.end_of_image_id)):
+    for name, flag in (
+        ("begin_of_image", args.begin_of_image_id),
+        ("end_of_image", args.end_of_image_id),
+    ):
         sentinels[name] = flag if flag is not None else getattr(tokenizer, name)
         if sentinels[name] is None and has_images:
             sentinels[name], next_free = next_free, next_free + 1
     image_vocabulary = _image_vocabulary(tokenizer, args, next_free)
-    ranges = () if image_vocabulary is None else (ModalityRange("image", image_vocabulary.first_id, image_vocabulary.last_id),)
-    largest = max([tokenizer.vocab_size - 1, *(r.last_id for r in ranges), *(i for i in sentinels.values() if i is not None)])
+    ranges = (
+        ()
+        if image_vocabulary is None
+        else (ModalityRange("image", image_vocabulary.first_id, image_vocabulary.last_id),)
+    )
+    largest = max(
+        [
+            tokenizer.vocab_size - 1,
+            *(r.last_id for r in ranges),
+            *(i for i in sentinels.values() if i is not None),
+        ]
+    )
     if args.vocab_size is not None and args.vocab_size <= largest:
-        raise ValueError(f"--vocab-size {args.vocab_size} is too small: the layout uses ids up to {largest}")
+        raise ValueError(
+            f"--vocab-size {args.vocab_size} is too small: the layout uses ids up to {largest}"
+        )
     vocab_size = args.vocab_size if args.vocab_size is not None else largest + 1
     layout = VocabularyLayout(vocab_size, ranges, tokenizer.eod, tokenizer.pad, **sentinels)
     return layout, image_vocabulary
 
 
-def _image_vocabulary(tokenizer, args: argparse.Namespace, next_free: int) -> Optional[ImageVocabulary]:
+def _image_vocabulary(
+    tokenizer, args: argparse.Namespace, next_free: int
+) -> Optional[ImageVocabulary]:
     if args.image_vocab_map is not None:
         if args.image_code_offset is not None:
             raise ValueError("give --image-code-offset or --image-vocab-map, not both")
@@ -181,7 +222,9 @@ class _Throughput:
         self.bar.close()
 
 
-def _encoded_lines(encoder: RecordEncoder, path: str, workers: int) -> Iterator[Tuple[bool, object, int]]:
+def _encoded_lines(
+    encoder: RecordEncoder, path: str, workers: int
+) -> Iterator[Tuple[bool, object, int]]:
     _set_worker_encoder(encoder)
     if workers == 1:
         yield from map(_encode_line, _numbered_lines(path))
@@ -214,22 +257,31 @@ def preprocess(args: argparse.Namespace, encoder: RecordEncoder, source: dict) -
         if writer.documents == 0:
             raise BadRecord(f"{args.input}: no records to write ({len(rejected or [])} rejected)")
         written = writer.commit(encoder.layout, source, rejected)
-    print(f"Done: {progress.summary()}; {writer.documents} written, {len(rejected or [])} rejected.", file=sys.stderr)
+    print(
+        f"Done: {progress.summary()}; {writer.documents} written, {len(rejected or [])} rejected.",
+        file=sys.stderr,
+    )
     return written
 
 
-def _source(args: argparse.Namespace, tokenizer, image_vocabulary: Optional[ImageVocabulary]) -> dict:
+def _source(
+    args: argparse.Namespace, tokenizer, image_vocabulary: Optional[ImageVocabulary]
+) -> dict:
     """How the data was made, for the sidecar (nothing that varies between identical runs)."""
     return {
         "input": args.input,
         "tokenizer": tokenizer.describe(),
         "append_eod": args.append_eod,
-        "image_codes": None if image_vocabulary is None else {
-            "codebook_size": image_vocabulary.codebook_size,
-            "first_id": image_vocabulary.first_id,
-            "vocab_map": args.image_vocab_map,
-            "codes_per_image": image_vocabulary.codes_per_image,
-        },
+        "image_codes": (
+            None
+            if image_vocabulary is None
+            else {
+                "codebook_size": image_vocabulary.codebook_size,
+                "first_id": image_vocabulary.first_id,
+                "vocab_map": args.image_vocab_map,
+                "codes_per_image": image_vocabulary.codes_per_image,
+            }
+        ),
     }
 
 
@@ -248,8 +300,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, CodeError, OSError, ImportError) as error:
         parser.error(str(error))
     encoder = RecordEncoder(
-        tokenizer, layout, image_vocabulary, tuple(args.json_keys), args.append_eod,
-        base_dir=os.path.dirname(os.path.abspath(args.input)), input_name=args.input,
+        tokenizer,
+        layout,
+        image_vocabulary,
+        tuple(args.json_keys),
+        args.append_eod,
+        base_dir=os.path.dirname(os.path.abspath(args.input)),
+        input_name=args.input,
     )
     try:
         written = preprocess(args, encoder, _source(args, tokenizer, image_vocabulary))

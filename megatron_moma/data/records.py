@@ -23,7 +23,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy
 
-from megatron_moma.data.image_codes import CodeError, ImageVocabulary, codes_from_array, load_code_file
+from megatron_moma.data.image_codes import (
+    CodeError,
+    ImageVocabulary,
+    codes_from_array,
+    load_code_file,
+)
 from megatron_moma.data.vocabulary import IMAGE, TEXT, VocabularyLayout
 
 SEGMENT_KINDS = ("text", "image")
@@ -62,7 +67,9 @@ class RecordEncoder:
         documents, files_bytes = {}, 0
         for key in self.json_keys:
             if key not in record:
-                raise BadRecord(f"{where}: missing field {key!r} (expected a string or a list of segments)")
+                raise BadRecord(
+                    f"{where}: missing field {key!r} (expected a string or a list of segments)"
+                )
             field_where = where if len(self.json_keys) == 1 else f"{where}, field {key!r}"
             documents[key], key_bytes = self._encode_field(field_where, key, record[key])
             files_bytes += key_bytes
@@ -74,7 +81,9 @@ class RecordEncoder:
         elif isinstance(value, list):
             segments = value
         else:
-            raise BadRecord(f"{where}: field {key!r} must be a string or a list of segments, got {_kind(value)}")
+            raise BadRecord(
+                f"{where}: field {key!r} must be a string or a list of segments, got {_kind(value)}"
+            )
         sequences, files_bytes = [], 0
         for number, segment in enumerate(segments, start=1):
             sequence, segment_bytes = self._encode_segment(f"{where}, segment {number}", segment)
@@ -82,15 +91,21 @@ class RecordEncoder:
             if sequence[0].size:
                 sequences.append(sequence)
         if not sequences:
-            raise BadRecord(f"{where}: field {key!r} has no tokens (expected non-empty text or an image)")
+            raise BadRecord(
+                f"{where}: field {key!r} has no tokens (expected non-empty text or an image)"
+            )
         if self.append_eod:
             sequences = _with_eod(sequences, self.layout.eod)
         return _document(sequences), files_bytes
 
     def _encode_segment(self, where: str, segment: Any) -> Tuple[Tuple[numpy.ndarray, int], int]:
-        if not (isinstance(segment, dict) and len(segment) == 1 and next(iter(segment)) in SEGMENT_KINDS):
+        if not (
+            isinstance(segment, dict) and len(segment) == 1 and next(iter(segment)) in SEGMENT_KINDS
+        ):
             got = sorted(segment) if isinstance(segment, dict) else _kind(segment)
-            raise BadRecord(f"{where}: expected an object with exactly one key of {list(SEGMENT_KINDS)}, got {got}")
+            raise BadRecord(
+                f"{where}: expected an object with exactly one key of {list(SEGMENT_KINDS)}, got {got}"
+            )
         kind, value = next(iter(segment.items()))
         where = f"{where} {kind!r}"
         if kind == "text":
@@ -112,13 +127,18 @@ class RecordEncoder:
 
     def _image_ids(self, where: str, value: Any) -> Tuple[numpy.ndarray, int]:
         if self.image_vocabulary is None:
-            raise BadRecord(f"{where}: no image vocabulary configured (pass --codebook-size or --image-vocab-map)")
+            raise BadRecord(
+                f"{where}: no image vocabulary configured (pass --codebook-size or --image-vocab-map)"
+            )
         try:
             codes, files_bytes = self._image_codes(value)
             ids = self.image_vocabulary.to_ids(codes)
         except CodeError as error:
             raise BadRecord(f"{where}: {error}") from None
-        return numpy.concatenate([[self.layout.begin_of_image], ids, [self.layout.end_of_image]]), files_bytes
+        return (
+            numpy.concatenate([[self.layout.begin_of_image], ids, [self.layout.end_of_image]]),
+            files_bytes,
+        )
 
     def _image_codes(self, value: Any) -> Tuple[numpy.ndarray, int]:
         if isinstance(value, list):
@@ -131,7 +151,9 @@ class RecordEncoder:
             )
         unknown = sorted(set(value) - set(IMAGE_REFERENCE_FIELDS))
         if unknown:
-            raise CodeError(f"unknown fields {unknown}; an image reference has {list(IMAGE_REFERENCE_FIELDS)}")
+            raise CodeError(
+                f"unknown fields {unknown}; an image reference has {list(IMAGE_REFERENCE_FIELDS)}"
+            )
         index = value.get("index")
         if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
             raise CodeError(f"'index' must be an integer, got {_kind(index)}")
@@ -144,7 +166,9 @@ def _inline_codes(value: list) -> numpy.ndarray:
     try:
         array = numpy.asarray(value)
     except (ValueError, OverflowError):
-        raise CodeError("inline codes must be a flat list or a rectangular grid of integers") from None
+        raise CodeError(
+            "inline codes must be a flat list or a rectangular grid of integers"
+        ) from None
     return codes_from_array(array)
 
 
@@ -158,7 +182,9 @@ def _parse_object(where: str, line: str) -> dict:
     return record
 
 
-def _with_eod(sequences: List[Tuple[numpy.ndarray, int]], eod: int) -> List[Tuple[numpy.ndarray, int]]:
+def _with_eod(
+    sequences: List[Tuple[numpy.ndarray, int]], eod: int
+) -> List[Tuple[numpy.ndarray, int]]:
     last_ids, last_mode = sequences[-1]
     if last_mode == TEXT:
         return sequences[:-1] + [(numpy.append(last_ids, eod), TEXT)]

@@ -88,7 +88,9 @@ def make_records(count: int, seed: int, code_formats, output_dir: str) -> List[d
     for number in range(count):
         digit, weight = int(digits.target[number]), int(weights[number])
         caption_first = bool(rng.integers(2))
-        text = caption(rng, CAPTION_BEFORE_IMAGE if caption_first else CAPTION_AFTER_IMAGE, digit, weight)
+        text = caption(
+            rng, CAPTION_BEFORE_IMAGE if caption_first else CAPTION_AFTER_IMAGE, digit, weight
+        )
         code_format = code_formats[number % len(code_formats)]
         image = {"image": write_image(codes[number], number, code_format, code_dir, text)}
         segments = [{"text": text}, image] if caption_first else [image, {"text": text}]
@@ -100,7 +102,9 @@ def make_records(count: int, seed: int, code_formats, output_dir: str) -> List[d
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moma-sample-data", description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--num-images", type=int, default=1797, help="first N digits (at most 1797)")
+    parser.add_argument(
+        "--num-images", type=int, default=1797, help="first N digits (at most 1797)"
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--code-format", choices=("mixed",) + CODE_FORMATS, default="mixed")
     return parser
@@ -111,7 +115,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        print("error: the sample corpus needs scikit-learn: pip install 'megatron-moma[data]'", file=sys.stderr)
+        print(
+            "error: the sample corpus needs scikit-learn: pip install 'megatron-moma[data]'",
+            file=sys.stderr,
+        )
         return 1
     if not 1 <= args.num_images <= 1797:
         build_parser().error("--num-images must be in [1, 1797]")

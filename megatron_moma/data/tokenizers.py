@@ -55,7 +55,9 @@ class HuggingFaceTokenizer:
         self.path = path
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if self._tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer at {path!r} has no end-of-sequence token to end documents")
+            raise ValueError(
+                f"the tokenizer at {path!r} has no end-of-sequence token to end documents"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -85,6 +87,10 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None):
         return ByteLevelTokenizer()
     if tokenizer_type == HUGGING_FACE:
         if not tokenizer_model:
-            raise ValueError(f"--tokenizer-type {HUGGING_FACE} needs --tokenizer-model (a local folder)")
+            raise ValueError(
+                f"--tokenizer-type {HUGGING_FACE} needs --tokenizer-model (a local folder)"
+            )
         return HuggingFaceTokenizer(tokenizer_model)
-    raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; expected one of {TOKENIZER_TYPES}")
+    raise ValueError(
+        f"unknown tokenizer type {tokenizer_type!r}; expected one of {TOKENIZER_TYPES}"
+    )

@@ -41,7 +41,9 @@ class ModalityRange:
                 "(every id outside the ranges is text)"
             )
         if not 0 <= self.first_id <= self.last_id:
-            raise ValueError(f"{self.name} range [{self.first_id}, {self.last_id}] is empty or negative")
+            raise ValueError(
+                f"{self.name} range [{self.first_id}, {self.last_id}] is empty or negative"
+            )
 
     @property
     def size(self) -> int:
@@ -100,7 +102,9 @@ class VocabularyLayout:
                 raise ValueError(f"{name} id {token_id} is also the {seen[token_id]} id")
             seen.setdefault(token_id, name)
             if not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"{name} id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+                raise ValueError(
+                    f"{name} id {token_id} is outside the vocabulary [0, {self.vocab_size})"
+                )
             for modality_range in self.ranges:
                 if modality_range.contains(token_id):
                     raise ValueError(
