@@ -192,6 +192,14 @@ def test_vocabulary_map_and_explicit_sentinels(corpus):
     assert (layout.begin_of_image, layout.end_of_image, layout.vocab_size) == (300, 301, 65536)
 
 
+def test_explicit_image_code_offset(corpus):
+    assert run(corpus, *IMAGE_FLAGS, "--image-code-offset", "300") == 0
+    documents, _ = read_documents(str(corpus / "out_text_document"))
+    assert documents[1] == ([[97, 98], [BOI, 300, 301, 302, 315, EOI]], [0, 1])
+    layout = read_sidecar(str(corpus / "out_text_document.vocab.json"))
+    assert (layout.range_of("image"), layout.vocab_size) == (ModalityRange("image", 300, 315), 316)
+
+
 def test_several_json_keys_write_one_dataset_each(tmp_path):
     write_jsonl(tmp_path / "data.jsonl", [{"text": "x", "caption": [{"image": [1, 2, 3, 4]}]}])
     assert run(tmp_path, *IMAGE_FLAGS, "--json-keys", "text", "caption") == 0
