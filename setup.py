@@ -33,6 +33,14 @@ setup(
     extras_require={
         "hf": ["transformers>=4.45"],
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # The sample corpus reads scikit-learn's bundled digits (no download).
+        "data": ["scikit-learn"],
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "moma-preprocess=megatron_moma.data.preprocess:main",
+            "moma-sample-data=megatron_moma.data.sample_corpus:main",
+        ],
     },
 )
