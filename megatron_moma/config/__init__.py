@@ -1,7 +1,8 @@
 """Configuration of modality-aware models: small option groups inside a TransformerConfig."""
 
+from megatron_moma.config.mod import MoDOptions
 from megatron_moma.config.moma import MoMaOptions
 from megatron_moma.config.mot import MoTOptions
 from megatron_moma.config.transformer import ModalityTransformerConfig
 
-__all__ = ["MoMaOptions", "MoTOptions", "ModalityTransformerConfig"]
+__all__ = ["MoDOptions", "MoMaOptions", "MoTOptions", "ModalityTransformerConfig"]

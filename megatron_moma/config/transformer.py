@@ -5,6 +5,7 @@ from typing import Optional
 
 from megatron.core.transformer import TransformerConfig
 
+from megatron_moma.config.mod import MoDOptions
 from megatron_moma.config.moma import MoMaOptions
 from megatron_moma.config.mot import MoTOptions
 from megatron_moma.modality import ModalityLayout
@@ -15,7 +16,8 @@ class ModalityTransformerConfig(TransformerConfig):
     """TransformerConfig with the modality layout and the options of each modality-aware layer.
 
     `mot` set makes every layer a Mixture-of-Transformers layer (per-modality weights for the
-    components in `mot.untie`); `moma` set makes every MLP a MoMa MLP (inside MoT layers too). The MoMa experts are Megatron expert modules, so
+    components in `mot.untie`); `moma` set makes every MLP a MoMa MLP (inside MoT layers too);
+    `mod` set makes the layers it names Mixture-of-Depths layers. The MoMa experts are Megatron expert modules, so
     the Megatron MoE fields follow from `moma`: `num_moe_experts` is the total number of
     experts (it also makes Megatron's schedules scale the auxiliary-router loss like the main
     loss), and `moe_ffn_hidden_size` defaults to `ffn_hidden_size`. Experts are not tensor-
@@ -25,10 +27,15 @@ class ModalityTransformerConfig(TransformerConfig):
     modality_layout: ModalityLayout = field(default_factory=ModalityLayout)
     moma: Optional[MoMaOptions] = None
     mot: Optional[MoTOptions] = None
+    mod: Optional[MoDOptions] = None
 
     def __post_init__(self):
         if self.mot is not None and self.moma is not None and self.mot.norm_placement == "post":
             raise ValueError("MoT with MoMa MLPs supports norm_placement='pre' only")
+        if self.mod is not None and self.mod.layers is not None:
+            outside = [layer for layer in self.mod.layers if layer >= self.num_layers]
+            if outside:
+                raise ValueError(f"MoD layers {outside} do not exist in a {self.num_layers}-layer model")
         if self.mot is not None and self.mot.qk_layernorm:
             self.qk_layernorm = True  # megatron-core then sums QK-norm grads over TP
         if self.moma is not None:

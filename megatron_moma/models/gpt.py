@@ -32,3 +32,10 @@ class ModalityGPTModel(GPTModel):
             modality_ids = layout.modality_ids(input_ids)
         self.modality_context.index = ModalityIndex.from_batch(modality_ids, layout.num_modalities)
         return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Megatron's, with layers keyed one by one when only some are MoD layers (their
+        parameters differ, so they cannot be stacked along a layer axis)."""
+        if getattr(self.config, "mod", None) is not None:
+            metadata = dict(metadata or {}, non_homogeneous_layers=True)
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)

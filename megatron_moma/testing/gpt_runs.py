@@ -31,12 +31,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
-from megatron_moma.config import ModalityTransformerConfig, MoMaOptions, MoTOptions
+from megatron_moma.config import ModalityTransformerConfig, MoDOptions, MoMaOptions, MoTOptions
+from megatron_moma.layers.aux_loss import scale_auxiliary_losses
 from megatron_moma.modality import ModalityLayout
 from megatron_moma.models import ModalityGPTModel
 from megatron_moma.models.aux_router_stage import train_only_auxiliary_routers
 from megatron_moma.parallel.layout import ParallelLayout
-from megatron_moma.specs import get_moma_layer_spec, get_mot_layer_spec
+from megatron_moma.specs import get_mod_layer_spec, get_moma_layer_spec, get_mot_layer_spec
 
 GlobalSlices = Tuple[Tuple[int, ...], Tuple, torch.Tensor]  # (global shape, slice, local data)
 
@@ -45,7 +46,7 @@ GlobalSlices = Tuple[Tuple[int, ...], Tuple, torch.Tensor]  # (global shape, sli
 class TinyGPT:
     """Shape of the test model. `num_experts=None` is dense; otherwise Megatron's own MoE MLP.
     `moma` set makes every MLP a MoMa MLP and `mot` every layer a MoT layer (with MoMa MLPs if
-    both are set), with text ids below `vocab_size // 2` and image ids from there up."""
+    both are set); `mod` makes the layers it names Mixture-of-Depths layers; with text ids below `vocab_size // 2` and image ids from there up."""
 
     num_layers: int = 4
     hidden_size: int = 32
@@ -58,6 +59,7 @@ class TinyGPT:
     moe_aux_loss_coeff: float = 1e-2
     moma: Optional[MoMaOptions] = None
     mot: Optional[MoTOptions] = None
+    mod: Optional[MoDOptions] = None
 
     @property
     def modality_layout(self) -> ModalityLayout:
@@ -110,9 +112,10 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
             moe_grouped_gemm=False,
         )
     config_class, modality = TransformerConfig, {}
-    if model.moma is not None or model.mot is not None:
+    if model.moma is not None or model.mot is not None or model.mod is not None:
         config_class = ModalityTransformerConfig
         modality = dict(modality_layout=model.modality_layout, moma=model.moma, mot=model.mot,
+                        mod=model.mod,
                         moe_router_load_balancing_type="aux_loss",
                         moe_aux_loss_coeff=model.moe_aux_loss_coeff)
     return config_class(
@@ -156,6 +159,8 @@ def build_model(model: TinyGPT, layout: ParallelLayout, spec: TrainSpec) -> List
         layer_spec = get_mot_layer_spec(model.mot, with_moma=model.moma is not None)
     elif model.moma is not None:
         model_class, layer_spec = ModalityGPTModel, get_moma_layer_spec(normalization="RMSNorm")
+    if model.mod is not None:
+        model_class, layer_spec = ModalityGPTModel, get_mod_layer_spec(layer_spec)
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=spec.use_distributed_optimizer
     )
@@ -295,6 +300,7 @@ def train_step(chunks, optimizer, model: TinyGPT, spec: TrainSpec, step: int) ->
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    scale_auxiliary_losses(len(micro_batches))
     loss_dicts = get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=[iter(micro_batches) for _ in chunks],
