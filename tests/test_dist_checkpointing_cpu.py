@@ -8,7 +8,7 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_moma.config import MoMaOptions, MoTOptions
+from megatron_moma.config import MoDOptions, MoMaOptions, MoTOptions
 from megatron_moma.parallel.layout import ParallelLayout
 from megatron_moma.testing import gpt_runs
 from megatron_moma.testing.multiprocess import run_on_ranks
@@ -17,6 +17,7 @@ MOE = gpt_runs.TinyGPT(num_experts=4)
 MOMA = gpt_runs.TinyGPT(moma=MoMaOptions(experts_per_modality=(2, 2)))
 MOT_MOMA = gpt_runs.TinyGPT(mot=MoTOptions(qk_layernorm=True),
                             moma=MoMaOptions(experts_per_modality=(2, 2)))
+MOD_MOMA = gpt_runs.TinyGPT(mod=MoDOptions(capacity=0.5), moma=MoMaOptions(experts_per_modality=(2, 2)))
 SPEC = gpt_runs.TrainSpec(optimizer="sgd", lr=0.5, steps=1)
 
 
@@ -55,9 +56,10 @@ TP2_SP_EP2_ETP1 = ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
         (MOMA, TP2_SP_EP2_ETP1, 4, ParallelLayout(), 1),
         (MOMA, ParallelLayout(), 1, TP2_SP_EP2_ETP1, 4),
         (MOT_MOMA, TP2_SP_EP2_ETP1, 4, ParallelLayout(pipeline_parallel_size=2), 2),
+        (MOD_MOMA, TP2_SP_EP2_ETP1, 4, ParallelLayout(pipeline_parallel_size=2), 2),
     ],
     ids=["moe-tp2-sp-ep2-to-ws1", "moe-ws1-to-pp2-ep2", "moma-tp2-sp-ep2-to-ws1",
-         "moma-ws1-to-tp2-sp-ep2", "mot+moma-tp2-sp-ep2-to-pp2"],
+         "moma-ws1-to-tp2-sp-ep2", "mot+moma-tp2-sp-ep2-to-pp2", "mod+moma-tp2-sp-ep2-to-pp2"],
 )
 def test_checkpoint_reshards_across_layouts(tmp_path, model, save_layout, save_ranks, load_layout,
                                             load_ranks):

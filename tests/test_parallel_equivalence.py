@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 
-from megatron_moma.config import MoMaOptions, MoTOptions
+from megatron_moma.config import MoDOptions, MoMaOptions, MoTOptions
 from megatron_moma.parallel.layout import ParallelLayout
 from megatron_moma.testing import gpt_runs
 from megatron_moma.testing.multiprocess import run_on_ranks
@@ -29,6 +29,9 @@ MOMA_TOKEN_CHOICE = gpt_runs.TinyGPT(moma=MoMaOptions(
 MOT = gpt_runs.TinyGPT(mot=MoTOptions(qk_layernorm=True))
 MOT_POST_NORM = gpt_runs.TinyGPT(mot=MoTOptions(norm_placement="post", untie={"ffn", "attention"}))
 MOT_MOMA = gpt_runs.TinyGPT(mot=MoTOptions(), moma=MoMaOptions(experts_per_modality=(2, 2)))
+MOD = gpt_runs.TinyGPT(mod=MoDOptions())
+MOD_MOMA = gpt_runs.TinyGPT(mod=MoDOptions(capacity=0.5), moma=MoMaOptions(experts_per_modality=(2, 2)))
+MOD_MOT = gpt_runs.TinyGPT(mod=MoDOptions(), mot=MoTOptions())
 SGD = gpt_runs.TrainSpec(optimizer="sgd", lr=0.5)
 ADAM = gpt_runs.TrainSpec(optimizer="adam", lr=1e-2, adam_eps=1e-3)
 
@@ -79,6 +82,15 @@ CASES = [
     (MOT_MOMA, 2, ParallelLayout(expert_parallel_size=2)),
     (MOT_MOMA, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
                                  expert_tensor_parallel_size=1)),
+    # Mixture-of-Depths on alternating layers, over dense, MoMa and MoT layers.
+    (MOD, 2, ParallelLayout()),  # DP2
+    (MOD, 2, ParallelLayout(tensor_parallel_size=2)),
+    (MOD, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True)),
+    (MOD, 2, ParallelLayout(pipeline_parallel_size=2)),
+    (MOD_MOMA, 2, ParallelLayout(expert_parallel_size=2)),
+    (MOD_MOMA, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
+                                 expert_tensor_parallel_size=1)),
+    (MOD_MOT, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True)),
 ]
 
 
@@ -89,6 +101,8 @@ def _case_id(case):
         kind = f"mot-{model.mot.norm_placement}" + ("+moma" if model.moma else "")
     elif model.moma:
         kind = f"moma-{model.moma.routing.replace('_', '-')}"
+    if model.mod:
+        kind = f"mod+{kind}"
     name = layout.name if layout.name != "ws1" else "dp2"
     return f"{kind}-{name}-ws{world_size}"
 
