@@ -45,6 +45,15 @@ class ModalityTransformerConfig(TransformerConfig):
             self.moe_router_pre_softmax = True
         super().__post_init__()
 
+    @property
+    def architecture(self) -> str:
+        """`dense`, `moma`, `mot` or `mot+moma`, with `+mod` when MoD layers are configured."""
+        if self.mot is not None:
+            name = "mot+moma" if self.moma is not None else "mot"
+        else:
+            name = "moma" if self.moma is not None else "dense"
+        return name + ("+mod" if self.mod is not None else "")
+
     def _check_moma(self):
         groups = len(self.moma.experts_per_modality)
         if groups != self.modality_layout.num_modalities:

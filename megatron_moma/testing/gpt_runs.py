@@ -34,10 +34,9 @@ from megatron.core.transformer import TransformerConfig
 from megatron_moma.config import ModalityTransformerConfig, MoDOptions, MoMaOptions, MoTOptions
 from megatron_moma.layers.aux_loss import scale_auxiliary_losses
 from megatron_moma.modality import ModalityLayout
-from megatron_moma.models import ModalityGPTModel
+from megatron_moma.models import build_gpt_model
 from megatron_moma.models.aux_router_stage import train_only_auxiliary_routers
 from megatron_moma.parallel.layout import ParallelLayout
-from megatron_moma.specs import get_mod_layer_spec, get_moma_layer_spec, get_mot_layer_spec
 
 GlobalSlices = Tuple[Tuple[int, ...], Tuple, torch.Tensor]  # (global shape, slice, local data)
 
@@ -150,34 +149,29 @@ def build_model(model: TinyGPT, layout: ParallelLayout, spec: TrainSpec) -> List
     """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron-core DDP
     (after freezing all but the auxiliary routers if `spec.train_only_auxiliary_routers`)."""
     config = transformer_config(model, layout)
-    model_class = GPTModel
-    layer_spec = get_gpt_layer_local_spec(
+    megatron_moe_spec = get_gpt_layer_local_spec(
         num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
     )
-    if model.mot is not None:
-        model_class = ModalityGPTModel
-        layer_spec = get_mot_layer_spec(model.mot, with_moma=model.moma is not None)
-    elif model.moma is not None:
-        model_class, layer_spec = ModalityGPTModel, get_moma_layer_spec(normalization="RMSNorm")
-    if model.mod is not None:
-        model_class, layer_spec = ModalityGPTModel, get_mod_layer_spec(layer_spec)
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=spec.use_distributed_optimizer
     )
     chunks = []
     for vp_stage in range(layout.virtual_pipeline_parallel_size or 1):
         vp = vp_stage if layout.virtual_pipeline_parallel_size else None
-        gpt = model_class(
-            config=config,
-            transformer_layer_spec=layer_spec,
-            vocab_size=model.vocab_size,
-            max_sequence_length=model.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            vp_stage=vp,
-        )
+        common = dict(share_embeddings_and_output_weights=False, position_embedding_type="rope")
+        if isinstance(config, ModalityTransformerConfig):
+            gpt = build_gpt_model(config, model.vocab_size, model.seq_length, vp_stage=vp, **common)
+        else:
+            gpt = GPTModel(
+                config=config,
+                transformer_layer_spec=megatron_moe_spec,
+                vocab_size=model.vocab_size,
+                max_sequence_length=model.seq_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                vp_stage=vp,
+                **common,
+            )
         if spec.train_only_auxiliary_routers:
             train_only_auxiliary_routers([gpt])
         chunks.append(

@@ -1,0 +1,48 @@
+"""Build a Megatron GPT model of any of our architectures from its config.
+
+`dense | moma | mot | mot+moma`, each with or without Mixture-of-Depths, follows from which
+option groups the ModalityTransformerConfig holds (`config.architecture` names it).
+"""
+
+from typing import Optional
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_moma.config import ModalityTransformerConfig
+from megatron_moma.models.gpt import ModalityGPTModel
+from megatron_moma.specs import get_mod_layer_spec, get_moma_layer_spec, get_mot_layer_spec
+
+
+def get_layer_spec(config: ModalityTransformerConfig) -> ModuleSpec:
+    """The (local, non-Transformer-Engine) transformer-layer spec of `config.architecture`."""
+    if config.mot is not None:
+        spec = get_mot_layer_spec(config.mot, with_moma=config.moma is not None)
+    elif config.moma is not None:
+        spec = get_moma_layer_spec(config.normalization, config.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(normalization=config.normalization,
+                                        qk_layernorm=config.qk_layernorm)
+    if config.mod is not None:
+        spec = get_mod_layer_spec(spec)
+    return spec
+
+
+def build_gpt_model(config: ModalityTransformerConfig, vocab_size: int, max_sequence_length: int,
+                    vp_stage: Optional[int] = None, **gpt_model_kwargs) -> ModalityGPTModel:
+    """This rank's model chunk (pipeline stage `vp_stage` under virtual pipelining).
+
+    `gpt_model_kwargs` go to Megatron's GPTModel (e.g. `position_embedding_type`,
+    `share_embeddings_and_output_weights`). Megatron's parallel state must be initialised.
+    """
+    return ModalityGPTModel(
+        config=config,
+        transformer_layer_spec=get_layer_spec(config),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+        **gpt_model_kwargs,
+    )
