@@ -112,13 +112,19 @@ def reference_run(model, spec) -> gpt_runs.RunResult:
     return run_on_ranks(gpt_runs.train, 1, model, ParallelLayout(), spec, timeout=120)[0]
 
 
-def parallel_run(model, world_size, layout, spec):
+def run_with_equal_step_metrics(model, world_size, layout, spec):
+    """Run the layout and its world-size-1 reference; assert every step's loss and grad norm
+    agree. Returns (reference result, the layout's per-rank results)."""
+    reference = reference_run(model, spec)
     results = run_on_ranks(gpt_runs.train, world_size, model, layout, spec, timeout=240)
     last_stage_losses = [r.losses for r in results if r.losses]
     assert last_stage_losses, "no rank reported a loss"
     for losses in last_stage_losses[1:]:
         assert losses == pytest.approx(last_stage_losses[0], rel=0, abs=0)
-    return results, last_stage_losses[0]
+    torch.testing.assert_close(last_stage_losses[0], reference.losses, **LOSS_TOLERANCE)
+    for result in results:
+        torch.testing.assert_close(result.grad_norms, reference.grad_norms, **GRAD_NORM_TOLERANCE)
+    return reference, results
 
 
 def gradients_from_first_step(params_after_first_step, lr):
@@ -130,14 +136,7 @@ def gradients_from_first_step(params_after_first_step, lr):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_gradients_equal_world_size_1(case):
-    model, world_size, layout = case
-    reference = reference_run(model, SGD)
-    results, losses = parallel_run(model, world_size, layout, SGD)
-
-    torch.testing.assert_close(losses, reference.losses, **LOSS_TOLERANCE)
-    for result in results:
-        torch.testing.assert_close(result.grad_norms, reference.grad_norms, **GRAD_NORM_TOLERANCE)
-
+    reference, results = run_with_equal_step_metrics(*case, SGD)
     expected = gradients_from_first_step(
         gpt_runs.assemble_global([reference.params_after_first_step]), SGD.lr
     )
@@ -152,13 +151,7 @@ def test_gradients_equal_world_size_1(case):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_distributed_optimizer_equals_world_size_1(case):
-    model, world_size, layout = case
-    reference = reference_run(model, ADAM)
-    results, losses = parallel_run(model, world_size, layout, ADAM)
-
-    torch.testing.assert_close(losses, reference.losses, **LOSS_TOLERANCE)
-    for result in results:
-        torch.testing.assert_close(result.grad_norms, reference.grad_norms, **GRAD_NORM_TOLERANCE)
+    reference, results = run_with_equal_step_metrics(*case, ADAM)
     expected = gpt_runs.assemble_global([reference.params_at_end])
     actual = gpt_runs.assemble_global([r.params_at_end for r in results])
     assert actual.keys() == expected.keys()
