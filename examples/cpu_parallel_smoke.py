@@ -1,14 +1,19 @@
-"""Train a tiny megatron-core GPT on CPU under a Megatron parallel layout, with torchrun and gloo.
+"""Train a tiny GPT of any of our architectures on CPU under a Megatron parallel layout, with
+torchrun and gloo.
 
-The run that proves megatron-core's own TP/SP/PP/VPP/EP and distributed-optimizer code works on
-CPU through `megatron_moma.platform`. Every layout starts from the same weights (set by global
-parameter name) and data, so its loss curve equals the single-process one:
+The run that shows megatron-core's own TP/SP/PP/VPP/EP and distributed-optimizer code, and our
+MoMa / MoT / MoD layers under it, working on CPU through `megatron_moma.platform`. Tokens are
+random ids from a 128-id vocabulary whose upper half is image codes. Every layout starts from
+the same weights (set by global parameter name) and data, so its loss curve equals the
+single-process one:
 
     torchrun --standalone --nproc-per-node 1 examples/cpu_parallel_smoke.py
     torchrun --standalone --nproc-per-node 2 examples/cpu_parallel_smoke.py \
         --tensor-model-parallel-size 2 --sequence-parallel
     torchrun --standalone --nproc-per-node 4 examples/cpu_parallel_smoke.py --num-experts 4 \
         --pipeline-model-parallel-size 2 --expert-model-parallel-size 2
+    torchrun --standalone --nproc-per-node 2 examples/cpu_parallel_smoke.py --architecture moma \
+        --moma-experts-per-modality 2 2 --tensor-model-parallel-size 2 --sequence-parallel
 """
 
 import argparse
@@ -17,6 +22,7 @@ import json
 import torch
 import torch.distributed as dist
 
+from megatron_moma.config import MoDOptions, MoMaOptions, MoTOptions
 from megatron_moma.parallel.layout import ParallelLayout
 from megatron_moma.platform import activate_platform
 from megatron_moma.testing import gpt_runs
@@ -32,7 +38,12 @@ def parse_args():
     group.add_argument("--expert-model-parallel-size", type=int, default=1)
     group.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     group = parser.add_argument_group("model and training")
-    group.add_argument("--num-experts", type=int, default=None, help="Megatron MoE MLP if set")
+    group.add_argument("--architecture", choices=["dense", "moma", "mot", "mot+moma"], default="dense")
+    group.add_argument("--moma-experts-per-modality", type=int, nargs=2, default=[2, 2],
+                       metavar=("TEXT", "IMAGE"))
+    group.add_argument("--mod", action="store_true", help="Mixture-of-Depths on alternating layers")
+    group.add_argument("--num-experts", type=int, default=None,
+                       help="Megatron's own MoE MLP (dense architecture only)")
     group.add_argument("--train-iters", type=int, default=5)
     group.add_argument("--micro-batch-size", type=int, default=1)
     group.add_argument("--global-batch-size", type=int, default=4)
@@ -47,6 +58,11 @@ def parse_args():
 def main():
     args = parse_args()
     dist.init_process_group(activate_platform())
+    moma = None
+    if "moma" in args.architecture:
+        moma = MoMaOptions(experts_per_modality=tuple(args.moma_experts_per_modality))
+        if args.expert_tensor_parallel_size is None:
+            args.expert_tensor_parallel_size = 1  # MoMa experts are never tensor-parallel
     layout = ParallelLayout(
         tensor_parallel_size=args.tensor_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
@@ -55,7 +71,12 @@ def main():
         expert_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
     )
-    model = gpt_runs.TinyGPT(num_experts=args.num_experts)
+    model = gpt_runs.TinyGPT(
+        num_experts=args.num_experts,
+        moma=moma,
+        mot=MoTOptions() if "mot" in args.architecture else None,
+        mod=MoDOptions() if args.mod else None,
+    )
     spec = gpt_runs.TrainSpec(
         micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size,
@@ -70,7 +91,8 @@ def main():
     if dist.get_rank() == 0:
         losses = next(losses for losses, _ in everyone if losses)
         grad_norms = everyone[0][1]
-        print(f"layout {layout.name} on {dist.get_world_size()} ranks "
+        architecture = args.architecture + ("+mod" if args.mod else "")
+        print(f"{architecture} model, layout {layout.name} on {dist.get_world_size()} ranks "
               f"(data-parallel size {layout.data_parallel_size(dist.get_world_size())})")
         for step, (loss, grad_norm) in enumerate(zip(losses, grad_norms), start=1):
             print(f" iteration {step:4d}/{spec.steps} | lm loss {loss:.6f} | grad norm {grad_norm:.6f}")
