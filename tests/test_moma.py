@@ -257,3 +257,32 @@ def test_a_modality_absent_from_the_micro_batch_keeps_its_parameters_in_the_grap
     image_experts = {k: v for k, v in grads.items() if k.startswith("experts.image")}
     assert image_experts and all(has and total == 0 for has, total in image_experts.values())
     assert grads["experts.text.local_experts.0.linear_fc1.weight"][1] > 0
+
+
+def _router_scores_with_gumbel_noise():
+    from megatron.core import parallel_state
+
+    from megatron_moma.layers.routers import ExpertChoiceRouter
+
+    parallel_state.initialize_model_parallel()
+    config = ModalityTransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, use_cpu_initialization=True,
+        modality_layout=LAYOUT, moma=MoMaOptions(experts_per_modality=(4, 4)),
+    )
+    router = ExpertChoiceRouter(config, num_experts=4, gumbel_noise=True)
+    tokens = torch.randn(4096, HIDDEN)
+    clean = torch.sigmoid(tokens @ router.weight.t())
+    router.train()
+    torch.manual_seed(0)
+    noisy = router(tokens)
+    router.eval()
+    return clean, noisy, router(tokens)
+
+
+def test_gumbel_sigmoid_noise_is_logistic_and_training_only():
+    clean, noisy, evaluated = run_on_ranks(_router_scores_with_gumbel_noise, 1, timeout=120)[0]
+    torch.testing.assert_close(evaluated, clean)
+    # g1 - g2 of two iid Gumbel(0, 1) is Logistic(0, 1): mean 0, variance pi^2 / 3.
+    noise = torch.logit(noisy.double()) - torch.logit(clean.double())
+    assert abs(float(noise.mean())) < 0.05
+    assert abs(float(noise.var()) - math.pi ** 2 / 3) < 0.15
