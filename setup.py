@@ -35,7 +35,7 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         # The sample corpus reads scikit-learn's bundled digits (no download).
         "data": ["scikit-learn"],
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn"],
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "transformers>=4.45"],
     },
     entry_points={
         "console_scripts": [
