@@ -1,0 +1,45 @@
+"""Token id -> modality, and the per-micro-batch ModalityIndex, against hand-built expectations."""
+
+import pytest
+import torch
+
+from megatron_moma.modality import Modality, ModalityIndex, ModalityLayout
+
+LAYOUT = ModalityLayout((Modality("image", 10, 19), Modality("speech", 20, 24)))
+
+
+def test_modality_of_each_token_id():
+    tokens = torch.tensor([[0, 9, 10, 19, 20, 24, 25, 99]])
+    assert LAYOUT.modality_ids(tokens).tolist() == [[0, 0, 1, 1, 2, 2, 0, 0]]
+    assert LAYOUT.names == ("text", "image", "speech")
+
+
+def test_index_groups_rows_by_modality_in_sequence_batch_order():
+    # [b=2, s=3] -> rows in Megatron's [s, b] order: (s0,b0) (s0,b1) (s1,b0) (s1,b1) (s2,b0) (s2,b1)
+    modality_ids = torch.tensor([[1, 0, 2], [0, 1, 1]])
+    index = ModalityIndex.from_batch(modality_ids, num_modalities=3)
+    assert index.modality_ids.tolist() == [1, 0, 0, 1, 2, 1]
+    assert index.counts == [2, 3, 1]
+    assert index.offsets == [0, 2, 5, 6]
+    assert index.rows(0).tolist() == [1, 2]
+    assert index.rows(1).tolist() == [0, 3, 5]
+    assert index.rows(2).tolist() == [4]
+    assert index.permutation[index.inverse_permutation].tolist() == list(range(6))
+
+
+def test_sequence_chunks_for_sequence_parallelism():
+    modality_ids = torch.tensor([[1, 0, 2, 1], [0, 1, 1, 0]])  # [b=2, s=4] -> 8 rows
+    index = ModalityIndex.from_batch(modality_ids, num_modalities=3)
+    first, second = index.chunk(0, 2), index.chunk(1, 2)
+    assert first.modality_ids.tolist() == [1, 0, 0, 1]  # sequence positions 0-1
+    assert second.modality_ids.tolist() == [2, 1, 1, 0]  # sequence positions 2-3
+    assert index.chunk_counts(2) == [[2, 2, 0], [1, 2, 1]]
+    assert index.chunk(0, 2) is first, "chunks are computed once per micro-batch"
+    with pytest.raises(ValueError, match="do not split into 3"):
+        index.chunk(0, 3)
+
+
+def test_a_modality_with_no_token_has_empty_rows():
+    index = ModalityIndex.from_batch(torch.zeros(2, 3, dtype=torch.long), num_modalities=2)
+    assert index.counts == [6, 0]
+    assert index.rows(1).numel() == 0
