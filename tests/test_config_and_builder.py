@@ -1,6 +1,7 @@
 """ModalityTransformerConfig validation and the model builder's architectures."""
 
 import pytest
+import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -33,6 +34,9 @@ def config(**kwargs):
               moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid"),
          "expert bias is not supported under sequence parallelism"),
         (dict(mot=MoTOptions(norm_placement="post"), moma=MoMaOptions()), "norm_placement='pre' only"),
+        (dict(mot=MoTOptions(), recompute_granularity="full", recompute_method="uniform",
+              recompute_num_layers=1, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
+         "activation recompute with pipeline parallelism"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(kwargs, message):

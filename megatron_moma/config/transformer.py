@@ -36,6 +36,13 @@ class ModalityTransformerConfig(TransformerConfig):
             outside = [layer for layer in self.mod.layers if layer >= self.num_layers]
             if outside:
                 raise ValueError(f"MoD layers {outside} do not exist in a {self.num_layers}-layer model")
+        uses_index = any(o is not None for o in (self.moma, self.mot, self.mod))
+        if uses_index and self.recompute_granularity is not None and self.pipeline_model_parallel_size > 1:
+            raise ValueError(
+                "activation recompute with pipeline parallelism is not supported with modality-aware "
+                "layers yet: a layer recomputed in the backward pass would read the modality index "
+                "of a later micro-batch"
+            )
         if self.mot is not None and self.mot.qk_layernorm:
             self.qk_layernorm = True  # megatron-core then sums QK-norm grads over TP
         if self.moma is not None:
