@@ -4,8 +4,8 @@
 #include "dispatch.h"
 #include "dispatch_cuda_kernels.h"
 
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 namespace megatron_moma {
 namespace {
@@ -52,7 +52,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& src_in, const at::Tensor& index_in
   const auto scale = scale_fp32(scale_in, rows);
   check(launch_gather_rows(row_dtype(src), src.data_ptr(), index.data_ptr<int64_t>(),
                            data_or_null(scale), out.data_ptr(), rows, hidden,
-                           at::cuda::getCurrentCUDAStream()));
+                           c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -70,7 +70,7 @@ at::Tensor segment_sum_rows_cuda(const at::Tensor& src_in, const at::Tensor& off
   const auto scale = scale_fp32(scale_in, src.size(0));
   check(launch_segment_sum_rows(row_dtype(src), src.data_ptr(), offsets.data_ptr<int64_t>(),
                                 members.data_ptr<int64_t>(), data_or_null(scale), out.data_ptr(),
-                                num_out, hidden, at::cuda::getCurrentCUDAStream()));
+                                num_out, hidden, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_
   check(launch_combine_backward(row_dtype(rows), grad_out.data_ptr(), index.data_ptr<int64_t>(),
                                 scale.data_ptr<float>(), rows.data_ptr(), grad_rows.data_ptr(),
                                 grad_scale.data_ptr<float>(), num_rows, hidden,
-                                at::cuda::getCurrentCUDAStream()));
+                                c10::cuda::getCurrentCUDAStream()));
   return {grad_rows, grad_scale};
 }
 
