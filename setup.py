@@ -6,6 +6,39 @@ Install torch first (the CPU or CUDA build you want), then:
 
 from setuptools import find_packages, setup
 
+
+def csrc_extensions():
+    """The csrc extension `megatron_moma._csrc`: C++ CPU kernels always, CUDA kernels (sm_80 and
+    sm_90) too where torch is a CUDA build and a CUDA toolkit is found. Without torch at build
+    time nothing is built and megatron_moma uses its pure-torch fallback."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    sources = ["csrc/bindings.cpp", "csrc/dispatch_cpu.cpp"]
+    # torch runs its CPU ops on OpenMP; at::parallel_for only goes parallel if we compile with it.
+    cxx_flags, link_flags = ["-O3", "-fopenmp"], ["-fopenmp"]
+    if torch.version.cuda is not None and CUDA_HOME is not None:
+        extension = CUDAExtension(
+            "megatron_moma._csrc",
+            sources + ["csrc/dispatch_cuda.cpp", "csrc/dispatch_cuda_kernels.cu"],
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80",
+                         "-gencode=arch=compute_90,code=sm_90"],
+            },
+            extra_link_args=link_flags,
+        )
+    else:
+        extension = CppExtension("megatron_moma._csrc", sources,
+                                 extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = csrc_extensions()
+
 setup(
     name="megatron-moma",
     version="0.1.0",
@@ -37,6 +70,8 @@ setup(
         "data": ["scikit-learn"],
         "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "transformers>=4.45"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     entry_points={
         "console_scripts": [
             "moma-preprocess=megatron_moma.data.preprocess:main",

@@ -38,7 +38,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 
-from megatron_moma.dispatch.expert_parallel import ExpertRows, run_expert_groups
+from megatron_moma.dispatch import expert_parallel
 from megatron_moma.layers.routers import AuxiliaryRouter, ExpertChoiceRouter
 from megatron_moma.modality.context import ModalityAware
 
@@ -133,16 +133,14 @@ class MoMaMLP(MegatronModule, ModalityAware):
                     self._aux_router_loss(name, group_tokens, selection, scores.shape, sum(counts))
                 )
 
-        expert_outputs = run_expert_groups(
-            [ExpertRows(tokens[rows][s.rows], s.expert) for rows, s in zip(group_rows, selections)],
+        output = expert_parallel.run_expert_groups(
+            tokens,
+            [expert_parallel.ExpertSelection(rows[s.rows], s.expert, s.weight)
+             for rows, s in zip(group_rows, selections)],
             [self.experts[name] for name in self.group_names],
             self.options.experts_per_modality,
             self.ep_group,
         )
-        output = torch.zeros_like(tokens)
-        for rows, selection, expert_output in zip(group_rows, selections, expert_outputs):
-            weighted = expert_output * selection.weight.unsqueeze(-1).to(expert_output.dtype)
-            output = output.index_add(0, rows[selection.rows], weighted)
         output = output.view_as(hidden_states)
         if aux_losses:
             loss = torch.stack(aux_losses).sum() * self.options.aux_loss_coeff

@@ -1,0 +1,54 @@
+// Token-modality dispatch ops: declarations shared by the bindings and the implementations.
+//
+// Shapes: N tokens, R rows (a token chosen by k experts appears k times), h hidden, B buckets.
+// A "bucket" is one (modality group, expert) pair, or under expert parallelism one (owner rank,
+// local expert) slot; the caller numbers them 0..B-1.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+namespace megatron_moma {
+
+// Stable counting sort of rows by bucket, and the same layout indexed by token.
+// token_of_row [R], bucket_of_row [R] int64 ->
+//   source_token [R]: token held at each permuted position,
+//   order [R]: row (selection) index at each permuted position,
+//   position [R]: permuted position of each row (inverse of order),
+//   counts [B]: rows per bucket,
+//   token_offsets [N+1], positions_by_token [R]: for token t, the positions holding it are
+//     positions_by_token[token_offsets[t] : token_offsets[t+1]], increasing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bucket_cpu(
+    const at::Tensor& token_of_row, const at::Tensor& bucket_of_row, int64_t num_tokens,
+    int64_t num_buckets);
+
+// out[p] = scale[p] * src[index[p]] (scale omitted: a plain gather). src [N, h], index [R] -> [R, h].
+at::Tensor gather_rows_cpu(const at::Tensor& src, const at::Tensor& index,
+                           const std::optional<at::Tensor>& scale);
+
+// out[t] = sum over j in offsets[t]..offsets[t+1] of scale[members[j]] * src[members[j]],
+// summed in j order in the accumulation type. src [R, h], offsets [N+1], members [R] -> [N, h].
+at::Tensor segment_sum_rows_cpu(const at::Tensor& src, const at::Tensor& offsets,
+                                const at::Tensor& members, const std::optional<at::Tensor>& scale);
+
+// Backward of the weighted combine: grad_rows[p] = scale[p] * grad_out[index[p]] and
+// grad_scale[p] = <rows[p], grad_out[index[p]]>. grad_out [N, h], index [R], scale [R], rows [R, h].
+std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_out,
+                                                        const at::Tensor& index,
+                                                        const at::Tensor& scale,
+                                                        const at::Tensor& rows);
+
+#ifdef WITH_CUDA
+at::Tensor gather_rows_cuda(const at::Tensor& src, const at::Tensor& index,
+                            const std::optional<at::Tensor>& scale);
+at::Tensor segment_sum_rows_cuda(const at::Tensor& src, const at::Tensor& offsets,
+                                 const at::Tensor& members, const std::optional<at::Tensor>& scale);
+std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_out,
+                                                         const at::Tensor& index,
+                                                         const at::Tensor& scale,
+                                                         const at::Tensor& rows);
+#endif
+
+}  // namespace megatron_moma

@@ -1,0 +1,239 @@
+// CPU implementation of the dispatch ops: parallel over rows (at::parallel_for), with an inner
+// loop over the hidden dimension that the compiler vectorizes (contiguous, restrict pointers).
+// Accumulation is in at::opmath_type (float for bf16/fp16/fp32, double for fp64), summed in a
+// fixed order, so results are deterministic and equal the pure-torch fallback's.
+#include "dispatch.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace megatron_moma {
+namespace {
+
+// Rows per parallel chunk: enough work per task to amortise scheduling (~32k elements).
+int64_t grain_rows(int64_t hidden) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, hidden)); }
+
+void check_index(const at::Tensor& index, int64_t limit, const char* what) {
+  TORCH_CHECK(index.scalar_type() == at::kLong, what, " must be int64");
+  TORCH_CHECK(index.dim() == 1, what, " must be 1-D");
+  if (index.numel() == 0) return;
+  const auto bounds = at::aminmax(index);
+  TORCH_CHECK(std::get<0>(bounds).item<int64_t>() >= 0 && std::get<1>(bounds).item<int64_t>() < limit,
+              what, " out of range [0, ", limit, ")");
+}
+
+at::Tensor rows_2d(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 2, what, " must be [rows, hidden]");
+  return t.contiguous();
+}
+
+// The optional per-row scale as a contiguous tensor of the accumulation type, or undefined.
+at::Tensor scale_as(const std::optional<at::Tensor>& scale, at::ScalarType acc, int64_t rows) {
+  if (!scale.has_value()) return at::Tensor();
+  TORCH_CHECK(scale->dim() == 1 && scale->numel() == rows, "scale must be [rows]");
+  return scale->to(acc).contiguous();
+}
+
+template <typename scalar_t>
+void gather_rows_kernel(const scalar_t* src, const int64_t* index,
+                        const at::opmath_type<scalar_t>* scale, scalar_t* out, int64_t rows,
+                        int64_t hidden) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, rows, grain_rows(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* __restrict__ in = src + index[p] * hidden;
+      scalar_t* __restrict__ o = out + p * hidden;
+      if (scale == nullptr) {
+        std::memcpy(o, in, hidden * sizeof(scalar_t));
+        continue;
+      }
+      const acc_t s = scale[p];
+      for (int64_t k = 0; k < hidden; ++k) o[k] = static_cast<scalar_t>(static_cast<acc_t>(in[k]) * s);
+    }
+  });
+}
+
+template <typename scalar_t>
+void segment_sum_rows_kernel(const scalar_t* src, const int64_t* offsets, const int64_t* members,
+                             const at::opmath_type<scalar_t>* scale, scalar_t* out,
+                             int64_t num_out, int64_t hidden) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kAccumulateInPlace = std::is_same_v<scalar_t, acc_t>;
+  at::parallel_for(0, num_out, grain_rows(hidden), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(kAccumulateInPlace ? 0 : hidden);
+    for (int64_t t = begin; t < end; ++t) {
+      acc_t* __restrict__ acc =
+          kAccumulateInPlace ? reinterpret_cast<acc_t*>(out + t * hidden) : buffer.data();
+      std::fill(acc, acc + hidden, acc_t(0));
+      for (int64_t j = offsets[t]; j < offsets[t + 1]; ++j) {
+        const int64_t p = members[j];
+        const scalar_t* __restrict__ in = src + p * hidden;
+        if (scale == nullptr) {
+          for (int64_t k = 0; k < hidden; ++k) acc[k] += static_cast<acc_t>(in[k]);
+        } else {
+          const acc_t s = scale[p];
+          for (int64_t k = 0; k < hidden; ++k) acc[k] += static_cast<acc_t>(in[k]) * s;
+        }
+      }
+      if constexpr (!kAccumulateInPlace) {
+        scalar_t* __restrict__ o = out + t * hidden;
+        for (int64_t k = 0; k < hidden; ++k) o[k] = static_cast<scalar_t>(acc[k]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void combine_backward_kernel(const scalar_t* grad_out, const int64_t* index,
+                             const at::opmath_type<scalar_t>* scale, const scalar_t* rows_in,
+                             scalar_t* grad_rows, at::opmath_type<scalar_t>* grad_scale,
+                             int64_t rows, int64_t hidden) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kLanes = 8;  // independent partial sums, so the dot product vectorizes
+  at::parallel_for(0, rows, grain_rows(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* __restrict__ g = grad_out + index[p] * hidden;
+      const scalar_t* __restrict__ x = rows_in + p * hidden;
+      scalar_t* __restrict__ o = grad_rows + p * hidden;
+      const acc_t s = scale[p];
+      acc_t partial[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= hidden; k += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const acc_t gk = static_cast<acc_t>(g[k + l]);
+          o[k + l] = static_cast<scalar_t>(gk * s);
+          partial[l] += static_cast<acc_t>(x[k + l]) * gk;
+        }
+      }
+      for (; k < hidden; ++k) {
+        const acc_t gk = static_cast<acc_t>(g[k]);
+        o[k] = static_cast<scalar_t>(gk * s);
+        partial[0] += static_cast<acc_t>(x[k]) * gk;
+      }
+      acc_t dot = 0;
+      for (int64_t l = 0; l < kLanes; ++l) dot += partial[l];
+      grad_scale[p] = dot;
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bucket_cpu(
+    const at::Tensor& token_of_row_in, const at::Tensor& bucket_of_row_in, int64_t num_tokens,
+    int64_t num_buckets) {
+  TORCH_CHECK(token_of_row_in.numel() == bucket_of_row_in.numel(),
+              "token_of_row and bucket_of_row must have the same length");
+  check_index(token_of_row_in, num_tokens, "token_of_row");
+  check_index(bucket_of_row_in, num_buckets, "bucket_of_row");
+  const auto token_of_row = token_of_row_in.contiguous();
+  const auto bucket_of_row = bucket_of_row_in.contiguous();
+  const int64_t rows = token_of_row.numel();
+  const auto long_options = token_of_row.options();
+  auto source_token = at::empty({rows}, long_options);
+  auto order = at::empty({rows}, long_options);
+  auto position = at::empty({rows}, long_options);
+  auto counts = at::zeros({num_buckets}, long_options);
+  auto token_offsets = at::zeros({num_tokens + 1}, long_options);
+  auto positions_by_token = at::empty({rows}, long_options);
+
+  const int64_t* token = token_of_row.data_ptr<int64_t>();
+  const int64_t* bucket = bucket_of_row.data_ptr<int64_t>();
+  int64_t* count = counts.data_ptr<int64_t>();
+  int64_t* offset = token_offsets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    ++count[bucket[i]];
+    ++offset[token[i] + 1];
+  }
+  std::vector<int64_t> next_in_bucket(num_buckets, 0);
+  for (int64_t b = 1; b < num_buckets; ++b) next_in_bucket[b] = next_in_bucket[b - 1] + count[b - 1];
+  for (int64_t t = 0; t < num_tokens; ++t) offset[t + 1] += offset[t];
+
+  int64_t* src_token = source_token.data_ptr<int64_t>();
+  int64_t* ord = order.data_ptr<int64_t>();
+  int64_t* pos = position.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t p = next_in_bucket[bucket[i]]++;
+    ord[p] = i;
+    pos[i] = p;
+    src_token[p] = token[i];
+  }
+  std::vector<int64_t> next_of_token(offset, offset + num_tokens);
+  int64_t* by_token = positions_by_token.data_ptr<int64_t>();
+  for (int64_t p = 0; p < rows; ++p) by_token[next_of_token[src_token[p]]++] = p;
+  return {source_token, order, position, counts, token_offsets, positions_by_token};
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& src_in, const at::Tensor& index_in,
+                           const std::optional<at::Tensor>& scale_in) {
+  const auto src = rows_2d(src_in, "src");
+  check_index(index_in, src.size(0), "index");
+  const auto index = index_in.contiguous();
+  const int64_t rows = index.numel(), hidden = src.size(1);
+  auto out = at::empty({rows, hidden}, src.options());
+  const auto scale = scale_as(scale_in, at::toOpMathType(src.scalar_type()), rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_rows_cpu", [&] {
+    gather_rows_kernel<scalar_t>(
+        src.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
+        scale.defined() ? scale.data_ptr<at::opmath_type<scalar_t>>() : nullptr,
+        out.data_ptr<scalar_t>(), rows, hidden);
+  });
+  return out;
+}
+
+at::Tensor segment_sum_rows_cpu(const at::Tensor& src_in, const at::Tensor& offsets_in,
+                                const at::Tensor& members_in,
+                                const std::optional<at::Tensor>& scale_in) {
+  const auto src = rows_2d(src_in, "src");
+  TORCH_CHECK(offsets_in.dim() == 1 && offsets_in.numel() >= 1 && offsets_in.scalar_type() == at::kLong,
+              "offsets must be int64 [num_out + 1]");
+  TORCH_CHECK(members_in.numel() == src.size(0), "members must have one entry per source row");
+  check_index(members_in, src.size(0), "members");
+  const auto offsets = offsets_in.contiguous();
+  const auto members = members_in.contiguous();
+  const int64_t num_out = offsets.numel() - 1, hidden = src.size(1);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[num_out] == members.numel(), "offsets must span members");
+  for (int64_t t = 0; t < num_out; ++t) TORCH_CHECK(off[t] <= off[t + 1], "offsets must not decrease");
+  auto out = at::empty({num_out, hidden}, src.options());
+  const auto scale = scale_as(scale_in, at::toOpMathType(src.scalar_type()), src.size(0));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "segment_sum_rows_cpu", [&] {
+    segment_sum_rows_kernel<scalar_t>(
+        src.data_ptr<scalar_t>(), off, members.data_ptr<int64_t>(),
+        scale.defined() ? scale.data_ptr<at::opmath_type<scalar_t>>() : nullptr,
+        out.data_ptr<scalar_t>(), num_out, hidden);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_out_in,
+                                                        const at::Tensor& index_in,
+                                                        const at::Tensor& scale_in,
+                                                        const at::Tensor& rows_in) {
+  const auto grad_out = rows_2d(grad_out_in, "grad_out");
+  const auto rows = rows_2d(rows_in, "rows");
+  TORCH_CHECK(rows.scalar_type() == grad_out.scalar_type() && rows.size(1) == grad_out.size(1),
+              "rows and grad_out must share dtype and hidden size");
+  check_index(index_in, grad_out.size(0), "index");
+  TORCH_CHECK(index_in.numel() == rows.size(0), "index must have one entry per row");
+  const auto index = index_in.contiguous();
+  const int64_t num_rows = rows.size(0), hidden = rows.size(1);
+  const auto acc = at::toOpMathType(rows.scalar_type());
+  const auto scale = scale_as(scale_in, acc, num_rows);
+  auto grad_rows = at::empty_like(rows);
+  auto grad_scale = at::empty({num_rows}, rows.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "combine_backward_cpu", [&] {
+    combine_backward_kernel<scalar_t>(
+        grad_out.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
+        scale.data_ptr<at::opmath_type<scalar_t>>(), rows.data_ptr<scalar_t>(),
+        grad_rows.data_ptr<scalar_t>(), grad_scale.data_ptr<at::opmath_type<scalar_t>>(),
+        num_rows, hidden);
+  });
+  return {grad_rows, grad_scale};
+}
+
+}  // namespace megatron_moma
