@@ -271,12 +271,13 @@ def _router_scores_with_gumbel_noise():
     )
     router = ExpertChoiceRouter(config, num_experts=4, gumbel_noise=True)
     tokens = torch.randn(4096, HIDDEN)
-    clean = torch.sigmoid(tokens @ router.weight.t())
-    router.train()
-    torch.manual_seed(0)
-    noisy = router(tokens)
-    router.eval()
-    return clean, noisy, router(tokens)
+    with torch.no_grad():
+        clean = torch.sigmoid(tokens @ router.weight.t())
+        router.train()
+        torch.manual_seed(0)
+        noisy = router(tokens)
+        router.eval()
+        return clean, noisy, router(tokens)
 
 
 def test_gumbel_sigmoid_noise_is_logistic_and_training_only():
