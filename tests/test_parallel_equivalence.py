@@ -60,10 +60,13 @@ CASES = [
     (MOE, 4, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2)),
     # MoMa 2t2i with auxiliary routers; experts are never tensor-parallel (expert-TP 1).
     (MOMA, 2, ParallelLayout()),  # DP2
+    (MOMA, 2, ParallelLayout(tensor_parallel_size=2, expert_tensor_parallel_size=1)),
     (MOMA, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
                              expert_tensor_parallel_size=1)),
     (MOMA, 2, ParallelLayout(pipeline_parallel_size=2)),
     (MOMA, 2, ParallelLayout(expert_parallel_size=2)),
+    (MOMA, 4, ParallelLayout(tensor_parallel_size=2, expert_parallel_size=2,
+                             expert_tensor_parallel_size=1)),
     (MOMA, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
                              expert_tensor_parallel_size=1)),
     (MOMA, 4, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2)),

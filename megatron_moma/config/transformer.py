@@ -90,7 +90,9 @@ class ModalityTransformerConfig(TransformerConfig):
                 "megatron-core 0.16's expert-bias update breaks on the padding mask its "
                 "load-balancing loss needs for unequal per-modality token counts"
             )
-        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+        if (self.moma.routing == "token_choice" and self.tensor_model_parallel_size > 1
+                and not self.sequence_parallel):
             raise ValueError(
-                "MoMa with tensor parallelism needs sequence_parallel=True (as Megatron's MoE does)"
+                "MoMa token choice with tensor parallelism needs sequence_parallel=True (as "
+                "Megatron's MoE does: its load-balancing loss counts tokens over the TP group)"
             )

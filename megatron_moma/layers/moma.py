@@ -11,7 +11,8 @@ router: every token of its modality goes to that expert with weight 1 (MoMa 1t1i
 modality untying, "no learned routing"). The routing scope is the
 micro-batch on this data-parallel rank: under sequence parallelism the scores of the whole
 sequence are gathered across the tensor-parallel group for the selection (no gradient flows
-through the selection), so the choice is the same whatever the layout. Selected rows go to their
+through the selection), so the choice is the same whatever the layout. Under tensor parallelism
+without SP every TP rank routes all tokens and runs the experts on its share of the chosen rows. Selected rows go to their
 experts through `dispatch.expert_parallel`.
 
 With `routing="token_choice"` each group instead has Megatron's TopKRouter over its experts
@@ -30,7 +31,11 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
@@ -81,6 +86,10 @@ class MoMaMLP(MegatronModule, ModalityAware):
         pg_collection = pg_collection or get_default_pg_collection()
         self.tp_group = pg_collection.tp
         self.ep_group = pg_collection.ep
+        # Tensor parallelism without SP: every TP rank holds all tokens and routes them all (the
+        # same choice everywhere); each runs the experts on its share of the chosen rows, and the
+        # outputs are summed over TP.
+        self.split_rows_over_tp = self.tp_group.size() > 1 and not config.sequence_parallel
         ep_size = self.ep_group.size()
         sizes = self.options.experts_per_modality
         routed = [(name, experts) for name, experts in zip(self.group_names, sizes) if experts > 1]
@@ -111,6 +120,8 @@ class MoMaMLP(MegatronModule, ModalityAware):
         full_index = self.modality_index()
         index = full_index.chunk(self.tp_group.rank() if tp_size > 1 else 0, tp_size)
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if self.split_rows_over_tp:
+            tokens = copy_to_tensor_model_parallel_region(tokens)  # backward: sum the shares
         chunk_counts = full_index.chunk_counts(tp_size)
 
         group_rows, selections, aux_losses = [], [], []
@@ -133,23 +144,36 @@ class MoMaMLP(MegatronModule, ModalityAware):
                     self._aux_router_loss(name, group_tokens, selection, scores.shape, sum(counts))
                 )
 
+        chosen = [expert_parallel.ExpertSelection(rows[s.rows], s.expert, s.weight)
+                  for rows, s in zip(group_rows, selections)]
+        if self.split_rows_over_tp:
+            chosen = [self._tp_share(selection) for selection in chosen]
         output = expert_parallel.run_expert_groups(
             tokens,
-            [expert_parallel.ExpertSelection(rows[s.rows], s.expert, s.weight)
-             for rows, s in zip(group_rows, selections)],
+            chosen,
             [self.experts[name] for name in self.group_names],
             self.options.experts_per_modality,
             self.ep_group,
         )
+        if self.split_rows_over_tp:
+            output = reduce_from_tensor_model_parallel_region(output)
         output = output.view_as(hidden_states)
         if aux_losses:
             loss = torch.stack(aux_losses).sum() * self.options.aux_loss_coeff
             output = MoEAuxLossAutoScaler.apply(output, loss)
         return output, None
 
+    def _tp_share(self, selection):
+        """Every TP-size-th chosen row, from this TP rank's offset."""
+        keep = slice(self.tp_group.rank(), None, self.tp_group.size())
+        return expert_parallel.ExpertSelection(
+            selection.token[keep], selection.expert[keep], selection.weight[keep]
+        )
+
     def _build_router(self, config, num_experts: int, pg_collection):
         if self.expert_choice:
-            return ExpertChoiceRouter(config, num_experts, self.options.gumbel_noise)
+            return ExpertChoiceRouter(config, num_experts, self.options.gumbel_noise,
+                                      sum_grad_over_tp=self.split_rows_over_tp)
         group_config = copy.copy(config)
         group_config.num_moe_experts = num_experts
         group_config.moe_router_topk = self.options.token_choice_topk

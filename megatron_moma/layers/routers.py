@@ -7,6 +7,7 @@ sequence parallelism each rank sees only its chunk of the tokens, so their gradi
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -21,16 +22,23 @@ class ExpertChoiceRouter(MegatronModule):
     """Per-expert affinity of each token: s = sigmoid(x W^T), no softmax across experts.
 
     With `gumbel_noise`, training scores are sigmoid(x W^T + g1 - g2), g1 and g2 iid Gumbel(0, 1).
+    `sum_grad_over_tp`: the TP ranks each use the scores of a different share of the tokens
+    (MoMa under tensor parallelism without SP), so W's gradient is summed over the TP group.
     """
 
-    def __init__(self, config, num_experts: int, gumbel_noise: bool = False):
+    def __init__(self, config, num_experts: int, gumbel_noise: bool = False,
+                 sum_grad_over_tp: bool = False):
         super().__init__(config)
         self.weight = _replicated_parameter(config, (num_experts, config.hidden_size))
         self.gumbel_noise = gumbel_noise
+        self.sum_grad_over_tp = sum_grad_over_tp
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [n, h] -> scores [n, num_experts] in (0, 1)."""
-        logits = F.linear(tokens, self.weight)
+        weight = self.weight
+        if self.sum_grad_over_tp:
+            weight = copy_to_tensor_model_parallel_region(weight)  # backward: all-reduce
+        logits = F.linear(tokens, weight)
         if self.gumbel_noise and self.training:
             uniform = torch.rand((2,) + logits.shape, dtype=logits.dtype, device=logits.device)
             gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
