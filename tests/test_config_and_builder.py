@@ -123,3 +123,20 @@ def test_built_models_name_parameters_after_their_modality(kwargs, expected):
     assert set(expected) <= set(names), sorted(set(expected) - set(names))
     if "mod" in kwargs:
         assert not any(n.startswith("decoder.layers.1.mod_") for n in names)
+
+
+def test_specs_use_local_modules_where_transformer_engine_is_absent():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_moma.models import get_layer_spec
+    from megatron_moma.specs.backend import transformer_engine_available
+
+    if transformer_engine_available():
+        pytest.skip("Transformer Engine imports here: the local fallback is not what is built")
+    moma = get_layer_spec(config(moma=MoMaOptions(experts_per_modality=(2, 2))))
+    assert moma.submodules.mlp.submodules.experts.module is SequentialMLP
+    mot = get_layer_spec(config(mot=MoTOptions()))
+    assert mot.submodules.self_attention.submodules.core_attention is DotProductAttention
+    with pytest.raises(RuntimeError, match="transformer_engine does not import"):
+        get_layer_spec(config(mot=MoTOptions()), use_te=True)

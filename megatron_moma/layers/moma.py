@@ -36,8 +36,7 @@ from megatron.core.tensor_parallel import (
     gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
-from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_default_pg_collection
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.module import MegatronModule
@@ -69,9 +68,10 @@ def _every_row(rows: torch.Tensor) -> GroupSelection:
 
 @dataclass
 class MoMaSubmodules:
-    """The spec of one expert (Megatron's MLP submodules: linear_fc1, linear_fc2)."""
+    """The spec of a group's experts: a megatron-core expert module (SequentialMLP,
+    TEGroupedMLP) with its submodules; built with (num_local_experts, config, pg_collection)."""
 
-    experts: MLPSubmodules
+    experts: ModuleSpec
 
 
 class MoMaMLP(MegatronModule, ModalityAware):
@@ -98,7 +98,8 @@ class MoMaMLP(MegatronModule, ModalityAware):
             name: self._build_router(config, experts, pg_collection) for name, experts in routed
         })
         self.experts = torch.nn.ModuleDict({
-            name: SequentialMLP(experts // ep_size, config, submodules.experts, pg_collection)
+            name: build_module(submodules.experts, experts // ep_size, config,
+                               pg_collection=pg_collection)
             for name, experts in zip(self.group_names, sizes)
         })
         # Experts are never tensor-parallel: every TP rank holds whole experts and runs them on

@@ -7,20 +7,29 @@ option groups the ModalityTransformerConfig holds (`config.architecture` names i
 from typing import Optional
 
 from megatron.core import parallel_state
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_moma.config import ModalityTransformerConfig
 from megatron_moma.models.gpt import ModalityGPTModel
 from megatron_moma.specs import get_mod_layer_spec, get_moma_layer_spec, get_mot_layer_spec
+from megatron_moma.specs.backend import resolve_use_te
 
 
-def get_layer_spec(config: ModalityTransformerConfig) -> ModuleSpec:
-    """The (local, non-Transformer-Engine) transformer-layer spec of `config.architecture`."""
+def get_layer_spec(config: ModalityTransformerConfig, use_te: Optional[bool] = None) -> ModuleSpec:
+    """The transformer-layer spec of `config.architecture`: Transformer Engine modules when
+    `use_te` (default: TE imports), local megatron-core modules otherwise."""
+    use_te = resolve_use_te(use_te)
     if config.mot is not None:
-        spec = get_mot_layer_spec(config.mot, with_moma=config.moma is not None)
+        spec = get_mot_layer_spec(config.mot, with_moma=config.moma is not None, use_te=use_te)
     elif config.moma is not None:
-        spec = get_moma_layer_spec(config.normalization, config.qk_layernorm)
+        spec = get_moma_layer_spec(config.normalization, config.qk_layernorm, use_te=use_te,
+                                   moe_grouped_gemm=config.moe_grouped_gemm)
+    elif use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(normalization=config.normalization,
                                         qk_layernorm=config.qk_layernorm)
@@ -30,7 +39,8 @@ def get_layer_spec(config: ModalityTransformerConfig) -> ModuleSpec:
 
 
 def build_gpt_model(config: ModalityTransformerConfig, vocab_size: int, max_sequence_length: int,
-                    vp_stage: Optional[int] = None, **gpt_model_kwargs) -> ModalityGPTModel:
+                    vp_stage: Optional[int] = None, use_te: Optional[bool] = None,
+                    **gpt_model_kwargs) -> ModalityGPTModel:
     """This rank's model chunk (pipeline stage `vp_stage` under virtual pipelining).
 
     `gpt_model_kwargs` go to Megatron's GPTModel (e.g. `position_embedding_type`,
@@ -38,7 +48,7 @@ def build_gpt_model(config: ModalityTransformerConfig, vocab_size: int, max_sequ
     """
     return ModalityGPTModel(
         config=config,
-        transformer_layer_spec=get_layer_spec(config),
+        transformer_layer_spec=get_layer_spec(config, use_te),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -1,7 +1,8 @@
 """Layer spec of a Mixture-of-Transformers layer (optionally with MoMa MLPs: "MoT + MoE")."""
 
+from typing import Optional
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -9,16 +10,21 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_moma.config.mot import MoTOptions
 from megatron_moma.layers.modality_weights import ModalityNorm
 from megatron_moma.layers.mot import MoTMLP, MoTSelfAttention, MoTSelfAttentionSubmodules
+from megatron_moma.specs.backend import backend_provider, resolve_use_te
 from megatron_moma.specs.moma import moma_mlp_spec
 
 
-def get_mot_layer_spec(options: MoTOptions, with_moma: bool = False) -> ModuleSpec:
+def get_mot_layer_spec(options: MoTOptions, with_moma: bool = False,
+                       use_te: Optional[bool] = None) -> ModuleSpec:
     """Megatron TransformerLayer whose attention, MLP and norms are per modality.
 
     Pre-norm puts `ModalityNorm`s in the layer's input and pre-MLP norm slots; post-norm leaves
     those slots empty and lets each sublayer normalise its own output (x + Norm(Sublayer(x))).
-    `with_moma` makes the MLP a MoMa MLP (its expert groups are the per-modality FFNs).
+    `with_moma` makes the MLP a MoMa MLP (its expert groups are the per-modality FFNs). With
+    `use_te` (default: Transformer Engine imports) the global core attention is TE's and MoMa's
+    experts use TE linears; the per-modality projections and norms are ours either way.
     """
+    use_te = resolve_use_te(use_te)
     pre_norm = ModalityNorm if options.norm_placement == "pre" else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
@@ -26,11 +32,13 @@ def get_mot_layer_spec(options: MoTOptions, with_moma: bool = False) -> ModuleSp
             input_layernorm=pre_norm,
             self_attention=ModuleSpec(
                 module=MoTSelfAttention,
-                submodules=MoTSelfAttentionSubmodules(core_attention=DotProductAttention),
+                submodules=MoTSelfAttentionSubmodules(
+                    core_attention=backend_provider(use_te).core_attention()
+                ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_norm,
-            mlp=moma_mlp_spec() if with_moma else ModuleSpec(module=MoTMLP),
+            mlp=moma_mlp_spec(use_te) if with_moma else ModuleSpec(module=MoTMLP),
             mlp_bda=get_bias_dropout_add,
         ),
     )
