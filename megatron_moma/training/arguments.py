@@ -223,6 +223,8 @@ def validate(args: argparse.Namespace) -> None:
              "--sequence-parallel needs --tensor-model-parallel-size > 1")
     _require(args.lr_warmup_iters <= args.lr_decay_iters,
              f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters {args.lr_decay_iters}")
+    _require(not args.use_distributed_optimizer or args.optimizer == "adam",
+             "--use-distributed-optimizer supports --optimizer adam only (as megatron-core)")
     _require(args.save_interval is None or args.save is not None, "--save-interval needs --save")
     _require(not args.train_aux_routers or args.load is not None,
              "--train-aux-routers needs --load (the trained checkpoint whose routers to imitate)")

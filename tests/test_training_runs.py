@@ -1,0 +1,171 @@
+"""End-to-end runs of `pretrain_moma` on the digits sample corpus (CPU, gloo, fp32).
+
+The loss of every step is read back from the TensorBoard event files the runs write, so these
+tests check the logging as well. Runs happen on ranks forked from the test process
+(`run_on_ranks`), except the SIGTERM test, which runs the real command in a subprocess.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from megatron_moma.data import preprocess, sample_corpus
+from megatron_moma.testing.multiprocess import run_on_ranks
+from megatron_moma.training import checkpointing
+
+WORKTREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--device", "cpu", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--ffn-hidden-size", "64", "--seq-length", "32", "--micro-batch-size", "2",
+        "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
+        "--position-embedding-type", "rope", "--hidden-dropout", "0", "--attention-dropout", "0",
+        "--split", "90,10,0", "--eval-iters", "1", "--eval-interval", "1000", "--log-interval", "1",
+        "--seed", "7"]
+MOMA_2T2I = ["--architecture", "moma", "--moma-experts-per-modality", "2", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    """The digits corpus (400 images), preprocessed: the dataset prefix."""
+    directory = str(tmp_path_factory.mktemp("digits"))
+    assert sample_corpus.main(["--output-dir", directory, "--num-images", "400",
+                               "--code-format", "inline"]) == 0
+    prefix = os.path.join(directory, "digits")
+    assert preprocess.main(["--input", os.path.join(directory, "digits.jsonl"), "--output-prefix",
+                            prefix, "--codebook-size", "8", "--codes-per-image", "64",
+                            "--append-eod"]) == 0
+    return prefix + "_text_document"
+
+
+def _pretrain(argv):
+    from megatron_moma.training.pretrain_moma import pretrain
+
+    return pretrain(argv)
+
+
+def _train(ranks, argv, timeout=150):
+    codes = run_on_ranks(_pretrain, ranks, argv, timeout=timeout)
+    assert set(codes) == {codes[0]}, codes
+    return codes[0]
+
+
+def _scalars(tensorboard_dir, tag):
+    events = EventAccumulator(tensorboard_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def _args(data_path, root, name, iters, *extra):
+    return TINY + ["--data-path", data_path, "--train-iters", str(iters),
+                   "--tensorboard-dir", os.path.join(root, "tb-" + name)] + list(extra)
+
+
+def test_resume_continues_the_loss_sequence_exactly_moma_ep2(data_path, tmp_path):
+    """6 iterations straight vs 3, stop, resume to 6: identical loss at every step (MoMa, EP2,
+    Adam with warm-up and decay, distributed optimizer, Gumbel router noise drawing RNG)."""
+    root = str(tmp_path)
+    common = MOMA_2T2I + ["--moma-gumbel-noise", "--expert-model-parallel-size", "2",
+                          "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "2",
+                          "--min-lr", "1e-4", "--use-distributed-optimizer"]
+    assert _train(2, _args(data_path, root, "straight", 6, *common)) == 0
+    save = os.path.join(root, "ckpt")
+    first = _args(data_path, root, "first", 6, *common, "--save", save, "--exit-interval", "3")
+    assert _train(2, first) == 0
+    assert checkpointing.read_tracker(save) == 3
+    assert _train(2, _args(data_path, root, "second", 6, *common, "--load", save, "--save", save)) == 0
+    assert checkpointing.read_tracker(save) == 6
+
+    straight = _scalars(os.path.join(root, "tb-straight"), "lm loss")
+    resumed = {**_scalars(os.path.join(root, "tb-first"), "lm loss"),
+               **_scalars(os.path.join(root, "tb-second"), "lm loss")}
+    assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert resumed == straight
+    lr_straight = _scalars(os.path.join(root, "tb-straight"), "learning-rate")
+    assert _scalars(os.path.join(root, "tb-second"), "learning-rate") == {
+        step: lr for step, lr in lr_straight.items() if step > 3}
+    saved = checkpointing.read_run_config(checkpointing.checkpoint_dir(save, 6))
+    assert saved["architecture"] == "moma" and saved["arguments"]["expert_model_parallel_size"] == 2
+
+
+def test_resume_under_another_layout_tp2_ep2_to_one_rank(data_path, tmp_path):
+    """Save under TP2xEP2 (SP, 4 ranks), resume on 1 rank: the loss continues (model and Adam
+    state resharded; RNG and data order do not depend on the layout)."""
+    root = str(tmp_path)
+    common = MOMA_2T2I + ["--global-batch-size", "4", "--lr", "3e-3", "--use-distributed-optimizer"]
+    layout = ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+              "--expert-model-parallel-size", "2"]
+    save = os.path.join(root, "ckpt")
+    assert _train(4, _args(data_path, root, "tp2ep2", 4, *common, *layout)) == 0
+    assert _train(4, _args(data_path, root, "first", 4, *common, *layout, "--save", save,
+                           "--exit-interval", "2")) == 0
+    assert _train(1, _args(data_path, root, "second", 4, *common, "--load", save)) == 0
+    straight = _scalars(os.path.join(root, "tb-tp2ep2"), "lm loss")
+    resumed = _scalars(os.path.join(root, "tb-second"), "lm loss")
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-4)
+
+
+@pytest.mark.parametrize("architecture", [
+    ["--architecture", "dense"],
+    MOMA_2T2I,
+    ["--architecture", "mot"],
+    ["--architecture", "mot+moma", "--moma-experts-per-modality", "2", "2"],
+    ["--architecture", "moma", "--mod", "--mod-capacity", "0.5"],
+], ids=["dense", "moma", "mot", "mot+moma", "moma+mod"])
+def test_every_architecture_reduces_the_loss(data_path, tmp_path, architecture):
+    root = str(tmp_path)
+    argv = _args(data_path, root, "run", 30, *architecture, "--global-batch-size", "4",
+                 "--lr", "1e-2", "--lr-warmup-iters", "3", "--eval-interval", "30", "--eval-iters", "2")
+    assert _train(1, argv) == 0
+    losses = _scalars(os.path.join(root, "tb-run"), "lm loss")
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (28, 29, 30)) / 3
+    assert last < first - 1.0, (first, last)
+    validation = _scalars(os.path.join(root, "tb-run"), "lm loss validation")
+    assert list(validation) == [30] and validation[30] < first - 1.0
+    image = _scalars(os.path.join(root, "tb-run"), "image loss")
+    assert image[30] < image[1]
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_path, tmp_path, capfd):
+    """SGD at lr 1e20 without clipping: step 1 is finite, then the weights overflow and the
+    loss of step 2 is not finite; the run stops with exit code 3 and saves nothing more."""
+    save = str(tmp_path / "ckpt")
+    argv = _args(data_path, str(tmp_path), "run", 5, "--global-batch-size", "2", "--optimizer", "sgd",
+                 "--sgd-momentum", "0", "--lr", "1e20", "--clip-grad", "0", "--save", save,
+                 "--save-interval", "1")
+    assert _train(1, argv) == 3
+    assert "ERROR: the lm loss is nan at iteration 2" in capfd.readouterr().out
+    assert checkpointing.read_tracker(save) == 1
+    assert sorted(os.listdir(save)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+
+
+def test_sigterm_saves_and_exits_cleanly(data_path, tmp_path):
+    save = str(tmp_path / "ckpt")
+    command = [sys.executable, "-m", "megatron_moma.training.pretrain_moma",
+               *_args(data_path, str(tmp_path), "run", 100000, "--global-batch-size", "2",
+                      "--lr", "1e-3", "--save", save, "--exit-signal-handler")]
+    environment = dict(os.environ, PYTHONPATH=WORKTREE)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "iteration        3/" in line:
+                process.send_signal(signal.SIGTERM)
+                break
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    stopped_at = checkpointing.read_tracker(save)
+    assert stopped_at is not None and 3 <= stopped_at < 100000
+    assert f"exiting on SIGTERM at iteration {stopped_at}" in output
+    assert not any(name.endswith(".tmp") for name in os.listdir(save))
