@@ -76,6 +76,20 @@ def _same_layout(root: str, run_config: dict) -> bool:
         run_config["world_size"], run_config["parallel_layout"])
 
 
+def _padded_vocab_size(args, vocab_size: int) -> int:
+    """Megatron-LM's padded vocabulary, or the checkpoint's when resuming: padding depends on the
+    TP size, and a resumed run under another TP size must keep the saved embedding shape."""
+    if not args.load or checkpointing.read_tracker(args.load) is None:
+        return configs.padded_vocab_size(vocab_size, args)
+    saved = checkpointing.read_run_config(
+        checkpointing.checkpoint_dir(args.load, checkpointing.read_tracker(args.load)))
+    padded = saved["padded_vocab_size"]
+    if padded % args.tensor_model_parallel_size:
+        raise ArgumentError(f"the checkpoint's padded vocabulary ({padded}) does not split over "
+                            f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    return padded
+
+
 def build_run(args) -> loop.Run:
     """Parallel state, data, model, optimizer, and the state loaded from --load if any."""
     layout = configs.parallel_layout(args)
@@ -84,7 +98,7 @@ def build_run(args) -> loop.Run:
     init_num_microbatches_calculator(torch.distributed.get_rank(), None, args.global_batch_size,
                                      args.micro_batch_size, parallel_state.get_data_parallel_world_size())
     vocab = configs.vocabulary(args)
-    vocab_size = configs.padded_vocab_size(vocab.vocab_size, args)
+    vocab_size = _padded_vocab_size(args, vocab.vocab_size)
     config = configs.transformer_config(args, configs.modality_layout(vocab))
     chunks = loop.build_model(args, config, vocab_size)
     optimizer, scheduler = loop.build_optimizer(args, chunks)
