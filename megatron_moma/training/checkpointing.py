@@ -27,6 +27,8 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_moma.training.arguments import ArgumentError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.json"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -171,7 +173,11 @@ def load_checkpoint(root: str, chunks, optimizer, scheduler, *, same_layout: boo
         chunk.module.load_state_dict(loaded[key])
     if "optimizer" in loaded:
         optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        try:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        except AssertionError as error:
+            raise ArgumentError(f"{error} (in {directory}); pass --override-opt_param-scheduler "
+                                "to use this run's LR schedule flags") from error
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
