@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_moma.data import preprocess, sample_corpus
@@ -171,3 +172,74 @@ def test_sigterm_saves_and_exits_cleanly(data_path, tmp_path):
     assert stopped_at is not None and 3 <= stopped_at < 100000
     assert f"exiting on SIGTERM at iteration {stopped_at}" in output
     assert not any(name.endswith(".tmp") for name in os.listdir(save))
+
+
+def _upcycle(argv):
+    from megatron_moma.training.upcycling import main
+
+    return main(argv)
+
+
+def _plain_tensors(directory):
+    from megatron.core import dist_checkpointing
+
+    tensors = dist_checkpointing.load_plain_tensors(directory)
+    return {k: v for k, v in tensors.items() if k.startswith(("decoder", "embedding", "output"))}
+
+
+STAGE_ONE = MOMA_2T2I[:2] + ["--moma-experts-per-modality", "1", "1", "--global-batch-size", "4",
+                             "--lr", "1e-2", "--lr-warmup-iters", "2"]
+
+
+def test_upcycled_1t1i_resumes_with_copied_experts_fresh_schedule_and_kept_data_position(
+        data_path, tmp_path):
+    root = str(tmp_path)
+    first, second = os.path.join(root, "1t1i"), os.path.join(root, "2t2i")
+    assert _train(1, _args(data_path, root, "1t1i", 6, *STAGE_ONE, "--save", first)) == 0
+    assert run_on_ranks(_upcycle, 1, ["--load", first, "--save", second,
+                                      "--moma-experts-per-modality", "2", "2"], timeout=120) == [0]
+    assert checkpointing.read_tracker(second) == 6
+    source = run_on_ranks(_plain_tensors, 1, checkpointing.checkpoint_dir(first, 6))[0]
+    target = run_on_ranks(_plain_tensors, 1, checkpointing.checkpoint_dir(second, 6))[0]
+    for modality in ("text", "image"):
+        for linear in ("linear_fc1", "linear_fc2"):
+            key = f"decoder.layers.mlp.experts.{modality}.experts.{linear}.weight"
+            assert source[key].shape[1] == 1 and target[key].shape[1] == 2
+            for expert in range(2):
+                assert torch.equal(target[key][:, expert], source[key][:, 0])
+        assert f"decoder.layers.mlp.routers.{modality}.weight" in target
+    for key in source:
+        if ".experts." not in key:
+            assert torch.equal(target[key], source[key]), key
+    assert checkpointing.read_run_config(checkpointing.checkpoint_dir(second, 6))["arguments"][
+        "moma_gumbel_noise"] is True
+
+    resume = MOMA_2T2I + ["--moma-gumbel-noise", "--global-batch-size", "4", "--lr", "1e-2",
+                          "--lr-warmup-iters", "2", "--expert-model-parallel-size", "2"]
+    assert _train(2, _args(data_path, root, "resumed", 9, *resume, "--load", second)) == 0
+    learning_rate = _scalars(os.path.join(root, "tb-resumed"), "learning-rate")
+    assert sorted(learning_rate) == [7, 8, 9]
+    assert learning_rate[7] == pytest.approx(0.5e-2)  # the warm-up starts again
+    samples = _scalars(os.path.join(root, "tb-resumed"), "lm loss vs samples")
+    assert sorted(samples) == [28, 32, 36]  # the data position continues after 6 x 4 samples
+    initial = _scalars(os.path.join(root, "tb-1t1i"), "lm loss")[1]
+    assert _scalars(os.path.join(root, "tb-resumed"), "lm loss")[7] < initial - 0.5
+
+
+def test_aux_router_stage_trains_only_the_auxiliary_routers(data_path, tmp_path):
+    root = str(tmp_path)
+    trained, stage_two = os.path.join(root, "trained"), os.path.join(root, "aux")
+    common = MOMA_2T2I + ["--global-batch-size", "4"]
+    assert _train(1, _args(data_path, root, "main", 4, *common, "--lr", "1e-2", "--save", trained)) == 0
+    assert _train(1, _args(data_path, root, "aux", 10, *common, "--train-aux-routers", "--load",
+                           trained, "--save", stage_two, "--eval-interval", "10")) == 0
+    before = run_on_ranks(_plain_tensors, 1, checkpointing.checkpoint_dir(trained, 4))[0]
+    after = run_on_ranks(_plain_tensors, 1, checkpointing.checkpoint_dir(stage_two, 10))[0]
+    assert before.keys() == after.keys()
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        assert changed == (".aux_routers." in key), key
+    # The paper's schedule by default: warm-up over 20% of the steps to 1e-4, linear decay to 1e-6.
+    learning_rate = _scalars(os.path.join(root, "tb-aux"), "learning-rate")
+    assert (learning_rate[1], learning_rate[2], learning_rate[10]) == pytest.approx((5e-5, 1e-4, 1e-6))
+    assert list(_scalars(os.path.join(root, "tb-aux"), "lm loss validation")) == [10]

@@ -17,6 +17,9 @@ from megatron_moma.config.moma import ROUTINGS as MOMA_ROUTINGS
 from megatron_moma.config.mot import NORM_PLACEMENTS, UNTIE_CHOICES
 
 ARCHITECTURES = ("dense", "moma", "mot", "mot+moma")
+# SPEC.md section 3: peak LR 1e-4, linear decay to 1e-6, 1k-2k warm-up over 5k-10k steps.
+AUX_ROUTER_SCHEDULE = {"lr": 1e-4, "min_lr": 1e-6, "lr_warmup_fraction": 0.2,
+                       "lr_decay_style": "linear"}
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
@@ -91,7 +94,9 @@ def _architecture(parser):
     group.add_argument("--mod-no-aux-router", action="store_true")
     group.add_argument("--mod-aux-loss-coeff", type=float, default=1.0)
     group.add_argument("--train-aux-routers", action="store_true",
-                       help="stage 2 (SPEC section 3): load --load, freeze all but the aux routers")
+                       help="stage 2 (SPEC section 3): load --load, freeze all but the aux routers; "
+                            "LR flags not given default to the paper's schedule: --lr 1e-4 "
+                            "--min-lr 1e-6 --lr-warmup-fraction 0.2 --lr-decay-style linear")
 
 
 def _training(parser):
@@ -170,9 +175,21 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argpars
     """Parse and validate; fills Megatron-LM's derived defaults (ffn size, batch sizes, ...)."""
     args = build_parser().parse_args(argv)
     args.world_size = world_size
+    if args.train_aux_routers:
+        _apply_aux_router_schedule(args, argv or [])
     _fill_defaults(args)
     validate(args)
     return args
+
+
+def _apply_aux_router_schedule(args: argparse.Namespace, argv: List[str]) -> None:
+    """The paper's stage-2 schedule for every LR flag the command line does not set."""
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    for name, value in AUX_ROUTER_SCHEDULE.items():
+        if "--" + name.replace("_", "-") not in given:
+            setattr(args, name, value)
+    if "--lr-warmup-iters" in given:
+        args.lr_warmup_fraction = None
 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
@@ -192,8 +209,6 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_fraction is not None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
-    if args.lr is None:
-        args.lr = 1e-4 if args.train_aux_routers else None
     if args.device is None:
         import torch
 

@@ -69,8 +69,8 @@ def _write_tracker(root: str, iteration: int) -> None:
     os.replace(temporary, os.path.join(root, TRACKER))
 
 
-def _model_keys(chunks: List[torch.nn.Module]) -> List[str]:
-    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+def _model_keys(models: List[torch.nn.Module]) -> List[str]:
+    return ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -99,15 +99,15 @@ def _rng_sharded_object(state) -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
-def _sharded_state_dict(chunks, optimizer, scheduler, train_state: TrainState, *, is_loading: bool,
+def _sharded_state_dict(models, optimizer, scheduler, train_state: TrainState, *, is_loading: bool,
                         with_optimizer: bool, with_rng: bool) -> Dict[str, Any]:
     state: Dict[str, Any] = {"checkpoint_version": CHECKPOINT_FORMAT_VERSION,
                              "train_state": asdict(train_state),
                              "content": {"optimizer": with_optimizer, "rng": with_rng}}
-    for key, chunk in zip(_model_keys(chunks), chunks):
-        state[key] = chunk.module.sharded_state_dict()
+    for key, model in zip(_model_keys(models), models):
+        state[key] = model.sharded_state_dict()
     if with_optimizer:
-        model_state = {k: state[k] for k in _model_keys(chunks)}
+        model_state = {k: state[k] for k in _model_keys(models)}
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": "fully_reshardable"})
@@ -117,10 +117,12 @@ def _sharded_state_dict(chunks, optimizer, scheduler, train_state: TrainState, *
     return state
 
 
-def save_checkpoint(root: str, chunks, optimizer, scheduler, train_state: TrainState,
+def save_checkpoint(root: str, models, optimizer, scheduler, train_state: TrainState,
                     run_config: Dict[str, Any], *, save_optimizer: bool = True,
                     save_rng: bool = True) -> str:
-    """Save iteration `train_state.iteration` under `root` (all ranks call); returns its folder."""
+    """Save iteration `train_state.iteration` under `root` (all ranks call); returns its folder.
+
+    `models`: this rank's model chunks (GPT modules, not their DDP wrappers)."""
     final = checkpoint_dir(root, train_state.iteration)
     temporary = final + ".tmp"
     if torch.distributed.get_rank() == 0:
@@ -128,7 +130,7 @@ def save_checkpoint(root: str, chunks, optimizer, scheduler, train_state: TrainS
         _remove_unfinished_saves(root)
         os.makedirs(temporary)
     torch.distributed.barrier()
-    state = _sharded_state_dict(chunks, optimizer, scheduler, train_state, is_loading=False,
+    state = _sharded_state_dict(models, optimizer, scheduler, train_state, is_loading=False,
                                 with_optimizer=save_optimizer, with_rng=save_rng)
     dist_checkpointing.save(state, temporary)
     torch.distributed.barrier()
@@ -154,7 +156,7 @@ def read_run_config(directory: str) -> Dict[str, Any]:
         return json.load(config_file)
 
 
-def load_checkpoint(root: str, chunks, optimizer, scheduler, *, same_layout: bool,
+def load_checkpoint(root: str, models, optimizer, scheduler, *, same_layout: bool,
                     load_optimizer: bool = True, load_rng: bool = True) -> Optional[TrainState]:
     """Load the tracker's checkpoint into the model (and optimizer, scheduler, RNG if present and
     asked for); returns its TrainState, or None when `root` has no checkpoint. RNG states load
@@ -164,21 +166,21 @@ def load_checkpoint(root: str, chunks, optimizer, scheduler, *, same_layout: boo
         return None
     directory = checkpoint_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(directory)
-    state = _sharded_state_dict(
-        chunks, optimizer, scheduler, TrainState(), is_loading=True,
-        with_optimizer=load_optimizer and common["content"]["optimizer"],
-        with_rng=load_rng and same_layout and common["content"]["rng"])
+    with_optimizer = load_optimizer and common["content"]["optimizer"]
+    with_rng = load_rng and same_layout and common["content"]["rng"]
+    state = _sharded_state_dict(models, optimizer, scheduler, TrainState(), is_loading=True,
+                                with_optimizer=with_optimizer, with_rng=with_rng)
     loaded = dist_checkpointing.load(state, directory)
-    for key, chunk in zip(_model_keys(chunks), chunks):
-        chunk.module.load_state_dict(loaded[key])
-    if "optimizer" in loaded:
+    for key, model in zip(_model_keys(models), models):
+        model.load_state_dict(loaded[key])
+    if with_optimizer:  # (`loaded` holds the checkpoint's common values whatever was asked)
         optimizer.load_state_dict(loaded["optimizer"])
         try:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
         except AssertionError as error:
             raise ArgumentError(f"{error} (in {directory}); pass --override-opt_param-scheduler "
                                 "to use this run's LR schedule flags") from error
-    if "rng_state" in loaded:
+    if with_rng:
         _set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
 

@@ -253,7 +253,7 @@ def _params_norm(run: Run) -> Optional[float]:
 def save(run: Run) -> None:
     if run.args.save is None:
         return
-    checkpointing.save_checkpoint(run.args.save, run.chunks, run.optimizer, run.scheduler, run.state,
+    checkpointing.save_checkpoint(run.args.save, [c.module for c in run.chunks], run.optimizer, run.scheduler, run.state,
                                   run.run_config, save_optimizer=not run.args.no_save_optim,
                                   save_rng=not run.args.no_save_rng)
     print_rank_last(f" saved checkpoint at iteration {run.state.iteration} to {run.args.save}")

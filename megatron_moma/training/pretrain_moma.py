@@ -106,7 +106,8 @@ def build_run(args) -> loop.Run:
     state = TrainState()
     if args.load and checkpointing.read_tracker(args.load) is not None:
         loaded = checkpointing.load_checkpoint(
-            args.load, chunks, optimizer, scheduler, same_layout=_same_layout(args.load, run_config),
+            args.load, [c.module for c in chunks], optimizer, scheduler,
+            same_layout=_same_layout(args.load, run_config),
             load_optimizer=not (args.no_load_optim or args.finetune or args.train_aux_routers),
             load_rng=not (args.no_load_rng or args.finetune))
         state = TrainState() if args.finetune or args.train_aux_routers else loaded
