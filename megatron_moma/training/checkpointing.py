@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy
 import torch
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_moma.training.arguments import ArgumentError
