@@ -43,6 +43,7 @@ def test_blend_and_virtual_pipeline_flags():
     (["--use-distributed-optimizer", "--optimizer", "sgd"], 1, "adam only"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--split", "a,b"], 1, "--split 'a,b'"),
+    (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be smaller than --lr-decay-iters 10"),
     (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible"),
 ])
 def test_invalid_combinations_name_the_flags(extra, world_size, message):

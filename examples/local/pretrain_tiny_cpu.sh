@@ -38,7 +38,7 @@ DATA_ARGS=(--data-path "$DATA_PREFIX" --split 95,5,0)
 
 TRAINING_ARGS=(
     --device cpu --micro-batch-size 8 --global-batch-size 16 --train-iters "$TRAIN_ITERS"
-    --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.1
+    --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-fraction 0.05 --weight-decay 0.1
     --clip-grad 1.0 --adam-beta2 0.95 --use-distributed-optimizer --exit-signal-handler
 )
 

@@ -236,8 +236,9 @@ def validate(args: argparse.Namespace) -> None:
              "--hidden-size must be divisible by --num-attention-heads (or set --kv-channels)")
     _require(not args.sequence_parallel or args.tensor_model_parallel_size > 1,
              "--sequence-parallel needs --tensor-model-parallel-size > 1")
-    _require(args.lr_warmup_iters <= args.lr_decay_iters,
-             f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters {args.lr_decay_iters}")
+    _require(args.lr_warmup_iters < args.lr_decay_iters,
+             f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+             f"{args.lr_decay_iters} (default --train-iters)")
     _require(not args.use_distributed_optimizer or args.optimizer == "adam",
              "--use-distributed-optimizer supports --optimizer adam only (as megatron-core)")
     _require(args.save_interval is None or args.save is not None, "--save-interval needs --save")
