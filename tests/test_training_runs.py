@@ -243,3 +243,21 @@ def test_aux_router_stage_trains_only_the_auxiliary_routers(data_path, tmp_path)
     learning_rate = _scalars(os.path.join(root, "tb-aux"), "learning-rate")
     assert (learning_rate[1], learning_rate[2], learning_rate[10]) == pytest.approx((5e-5, 1e-4, 1e-6))
     assert list(_scalars(os.path.join(root, "tb-aux"), "lm loss validation")) == [10]
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint_as_latest(data_path, tmp_path):
+    """A kill during a save leaves `iter_NNNNNNN.tmp/` behind and the tracker untouched: the
+    next run resumes from the previous checkpoint and its first save removes the leftover."""
+    root, save = str(tmp_path), str(tmp_path / "ckpt")
+    common = ["--global-batch-size", "2", "--lr", "1e-3", "--save", save, "--load", save]
+    assert _train(1, _args(data_path, root, "first", 4, *common, "--exit-interval", "2")) == 0
+    unfinished = os.path.join(save, "iter_0000003.tmp")
+    os.makedirs(unfinished)
+    with open(os.path.join(unfinished, "__0_0.distcp"), "wb") as partial:
+        partial.write(b"\0" * 100)
+    assert checkpointing.read_tracker(save) == 2
+    assert _train(1, _args(data_path, root, "second", 4, *common, "--save-interval", "1")) == 0
+    assert sorted(_scalars(os.path.join(root, "tb-second"), "lm loss")) == [3, 4]
+    assert sorted(os.listdir(save)) == ["iter_0000002", "iter_0000003", "iter_0000004",
+                                        "latest_checkpointed_iteration.txt"]
+    assert checkpointing.read_tracker(save) == 4
