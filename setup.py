@@ -76,6 +76,8 @@ setup(
         "console_scripts": [
             "moma-preprocess=megatron_moma.data.preprocess:main",
             "moma-sample-data=megatron_moma.data.sample_corpus:main",
+            "pretrain-moma=megatron_moma.training.pretrain_moma:main",
+            "moma-upcycle=megatron_moma.training.upcycling:main",
         ],
     },
 )

@@ -228,6 +228,50 @@ def _torch_norm_with_sequence_parallel(original_new):
     return staticmethod(__new__)
 
 
+
+def _adam_state_materialised_before_state_dict(original):
+    """Without TE/apex, DistributedOptimizer.state_dict reads Adam's step from torch Adam's
+    per-parameter state and asserts it is one value; that state is empty before the first step,
+    which is when a resumed run builds the state dict it loads into. Give every parameter that
+    has no state yet the state torch Adam would create on its first step (step 0, zero moments),
+    with the step of the others when some have stepped."""
+
+    def state_dict(self):
+        inner = self.optimizer
+        if isinstance(inner, torch.optim.Adam):
+            steps = [s["step"] for s in inner.state.values() if "step" in s]
+            step = steps[0].clone() if steps else torch.tensor(0.0)
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    if not inner.state[param]:
+                        inner.state[param] = {"step": step.clone(),
+                                              "exp_avg": torch.zeros_like(param),
+                                              "exp_avg_sq": torch.zeros_like(param)}
+        return original(self)
+
+    return state_dict
+
+
+def _adam_step_kept_on_parameter_state_load(original):
+    """Without TE/apex, DistributedOptimizer.load_state_dict puts Adam's step into torch Adam's
+    per-parameter state (from the param groups), then the parameter-state load copies every key
+    of that state from the checkpoint's per-parameter tensors, which hold no step (KeyError
+    'step'). Keep the keys the checkpoint does not carry, and give each parameter its own step
+    tensor: load_state_dict shares one among all, which torch Adam's in-place `step += 1` would
+    then advance once per parameter (wrong bias correction after a resume)."""
+
+    def set_states(self, model_param, tensors):
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:
+                state["step"] = state["step"].clone()
+            tensors = {**{k: v for k, v in state.items() if k not in tensors}, **tensors}
+        return original(self, model_param, tensors)
+
+    return set_states
+
 _MEGATRON_PATCHES: List[MegatronPatch] = [
     MegatronPatch(
         "megatron.core.tensor_parallel.random",
@@ -272,6 +316,20 @@ _MEGATRON_PATCHES: List[MegatronPatch] = [
         "WrappedTorchNorm.__new__",
         _torch_norm_with_sequence_parallel,
         "WrappedTorchNorm asserts `not config.sequence_parallel`",
+    ),
+    MegatronPatch(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.state_dict",
+        _adam_state_materialised_before_state_dict,
+        "asserts len(steps) == 1 without TE/apex when torch Adam has no state yet (loading a "
+        "checkpoint into a fresh optimizer)",
+    ),
+    MegatronPatch(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer._set_main_param_and_optimizer_states",
+        _adam_step_kept_on_parameter_state_load,
+        "KeyError 'step' loading a fully_reshardable checkpoint without TE/apex, and one step "
+        "tensor shared by all parameters after the load",
     ),
 ]
 

@@ -1,0 +1,48 @@
+#!/bin/bash
+# Sourced by the Slurm scripts of this folder: one torchrun per node (c10d rendezvous on the
+# first node), 8 GPUs per node, --save and --load on the same directory so that resubmitting the
+# same script resumes from the latest checkpoint, TensorBoard under the checkpoint directory.
+# Each script sets NAME and the arrays MODEL_ARGS, MOMA_ARGS, TRAINING_ARGS and
+# MODEL_PARALLEL_ARGS, then calls `launch`. Overridable: DATA_PATH, CKPT_ROOT, GPUS_PER_NODE.
+set -euo pipefail
+
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+DATA_PATH=${DATA_PATH:?set DATA_PATH to a moma-preprocess output prefix (or a weight/prefix blend)}
+CKPT_ROOT=${CKPT_ROOT:-$PWD/checkpoints}
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+MASTER_PORT=${MASTER_PORT:-29500}
+
+launch() {
+    local ckpt="$CKPT_ROOT/$NAME"
+    mkdir -p "$ckpt"
+    local distributed_args=(
+        --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS_PER_NODE"
+        --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
+    )
+    local data_args=(--data-path $DATA_PATH --split 998,1,1)
+    local logging_args=(
+        --log-interval 10 --eval-interval 1000 --eval-iters 10 --save-interval 1000
+        --save "$ckpt" --load "$ckpt" --tensorboard-dir "$ckpt/tensorboard"
+        --log-params-norm --exit-signal-handler
+    )
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        torchrun "${distributed_args[@]}" -m megatron_moma.training.pretrain_moma \
+        "${MODEL_ARGS[@]}" "${MOMA_ARGS[@]}" "${data_args[@]}" "${TRAINING_ARGS[@]}" \
+        "${MODEL_PARALLEL_ARGS[@]}" "${logging_args[@]}"
+}
+
+# SPEC.md section 8: seq 4096, peak LR 1e-4, 4k warm-up, linear decay to 1% of peak,
+# 120k steps x 8.39M tokens (2048 sequences of 4096).
+PAPER_TRAINING_ARGS=(
+    --seq-length 4096 --max-position-embeddings 4096 --micro-batch-size 1
+    --global-batch-size 2048 --train-iters "${TRAIN_ITERS:-120000}"
+    --lr 1e-4 --min-lr 1e-6 --lr-decay-style linear --lr-warmup-iters 4000
+    --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0
+    --bf16 --use-distributed-optimizer --overlap-grad-reduce --seed 1234
+)
+CHAMELEON_SHAPE_ARGS=(
+    --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear
+    --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0
+)

@@ -1,0 +1,23 @@
+#!/bin/bash
+#SBATCH --job-name=moma-1.4b-4t4i
+#SBATCH --nodes=32
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --output=%x-%j.out
+# MoMa 1.4B 4t4i (SPEC.md section 8): dense base 24 layers / d 2048 / ffn 8192 / 16 heads,
+# 4 text + 4 image experts, expert choice at capacity factor 1 (c_e = 1/4 within each group),
+# 7.1B total parameters. Resubmit the same script to resume.
+# Submit from the repository root (Slurm runs a copy of this script from its spool folder).
+source "${MOMA_ROOT:-$SLURM_SUBMIT_DIR}/examples/slurm/common.sh"
+NAME=moma_1.4b_4t4i
+TP=${TP:-1}
+EP=${EP:-4}
+MODEL_ARGS=(--num-layers 24 --hidden-size 2048 --ffn-hidden-size 8192 --num-attention-heads 16
+            "${CHAMELEON_SHAPE_ARGS[@]}")
+MOMA_ARGS=(--architecture moma --moma-experts-per-modality 4 4 --moma-capacity-factor 1.0)
+TRAINING_ARGS=("${PAPER_TRAINING_ARGS[@]}")
+MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --expert-model-parallel-size "$EP")
+if [ "$TP" -gt 1 ]; then MODEL_PARALLEL_ARGS+=(--sequence-parallel); fi
+launch

@@ -1,0 +1,296 @@
+"""Command-line arguments of `pretrain_moma`: Megatron-LM's flag names and defaults, plus ours.
+
+Every flag that exists in Megatron-LM (megatron/training/arguments.py) keeps its name and default,
+so a Megatron-LM launch script translates line by line. Our own flags (architecture, MoMa, MoT,
+MoD, the auxiliary-router stage, `--device`) sit in their own groups. `parse_args` validates the
+combination and raises `ArgumentError` with a message that names the flags involved; the option
+groups of the model are built from the flags in `megatron_moma.training.configs`.
+"""
+
+import argparse
+import math
+from typing import List, Optional
+
+from megatron_moma.config.mod import INFERENCE_ROUTINGS as MOD_INFERENCE_ROUTINGS
+from megatron_moma.config.moma import INFERENCE_ROUTINGS as MOMA_INFERENCE_ROUTINGS
+from megatron_moma.config.moma import ROUTINGS as MOMA_ROUTINGS
+from megatron_moma.config.mot import NORM_PLACEMENTS, UNTIE_CHOICES
+
+ARCHITECTURES = ("dense", "moma", "mot", "mot+moma")
+# SPEC.md section 3: peak LR 1e-4, linear decay to 1e-6, 1k-2k warm-up over 5k-10k steps.
+AUX_ROUTER_SCHEDULE = {"lr": 1e-4, "min_lr": 1e-6, "lr_warmup_fraction": 0.2,
+                       "lr_decay_style": "linear"}
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+class ArgumentError(ValueError):
+    """An invalid flag combination; the message names the flags."""
+
+
+def _parallel(parser):
+    group = parser.add_argument_group("distributed (Megatron-LM)")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    group.add_argument("--expert-model-parallel-size", type=int, default=1)
+    group.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    group.add_argument("--sequence-parallel", action="store_true")
+    group.add_argument("--use-distributed-optimizer", action="store_true")
+    group.add_argument("--overlap-grad-reduce", action="store_true")
+    group.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                       help="ours: where to run; cpu uses gloo (default: cuda when available)")
+
+
+def _model(parser):
+    group = parser.add_argument_group("network size (Megatron-LM)")
+    group.add_argument("--num-layers", type=int, required=True)
+    group.add_argument("--hidden-size", type=int, required=True)
+    group.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden size")
+    group.add_argument("--num-attention-heads", type=int, required=True)
+    group.add_argument("--group-query-attention", action="store_true")
+    group.add_argument("--num-query-groups", type=int, default=1)
+    group.add_argument("--kv-channels", type=int, default=None)
+    group.add_argument("--max-position-embeddings", type=int, default=None)
+    group.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"),
+                       default="learned_absolute")
+    group.add_argument("--rotary-base", type=int, default=10000)
+    group.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    group.add_argument("--norm-epsilon", type=float, default=1e-5)
+    group.add_argument("--swiglu", action="store_true")
+    group.add_argument("--disable-bias-linear", action="store_true")
+    group.add_argument("--qk-layernorm", action="store_true")
+    group.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    group.add_argument("--init-method-std", type=float, default=0.02)
+    group.add_argument("--hidden-dropout", type=float, default=0.1)
+    group.add_argument("--attention-dropout", type=float, default=0.1)
+    group.add_argument("--bf16", action="store_true")
+    group.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    group.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    group.add_argument("--recompute-num-layers", type=int, default=None)
+
+
+def _architecture(parser):
+    group = parser.add_argument_group("modality-aware architecture (ours)")
+    group.add_argument("--architecture", choices=ARCHITECTURES, default="dense")
+    group.add_argument("--mod", action="store_true", help="Mixture-of-Depths layers")
+    group.add_argument("--moma-experts-per-modality", type=int, nargs="+", default=[1, 1],
+                       help="experts of each modality group, text first: 4 4 is MoMa 4t4i")
+    group.add_argument("--moma-routing", choices=MOMA_ROUTINGS, default="expert_choice")
+    group.add_argument("--moma-capacity-factor", type=float, default=1.0)
+    group.add_argument("--moma-token-choice-topk", type=int, default=1)
+    group.add_argument("--moma-gumbel-noise", action="store_true")
+    group.add_argument("--moma-inference-routing", choices=MOMA_INFERENCE_ROUTINGS, default="aux",
+                       help="evaluation routing: expert_choice (looks ahead) or aux (causal)")
+    group.add_argument("--moma-no-aux-router", action="store_true")
+    group.add_argument("--moma-aux-loss-coeff", type=float, default=1.0)
+    group.add_argument("--mot-untie", nargs="+", choices=sorted(UNTIE_CHOICES),
+                       default=sorted(UNTIE_CHOICES))
+    group.add_argument("--mot-norm-placement", choices=NORM_PLACEMENTS, default="pre")
+    group.add_argument("--mod-capacity", type=float, default=0.25)
+    group.add_argument("--mod-layers", type=int, nargs="+", default=None,
+                       help="0-based MoD layers (default: alternating from layer 0)")
+    group.add_argument("--mod-inference-routing", choices=MOD_INFERENCE_ROUTINGS, default="aux")
+    group.add_argument("--mod-no-aux-router", action="store_true")
+    group.add_argument("--mod-aux-loss-coeff", type=float, default=1.0)
+    group.add_argument("--train-aux-routers", action="store_true",
+                       help="stage 2 (SPEC section 3): load --load, freeze all but the aux routers; "
+                            "LR flags not given default to the paper's schedule: --lr 1e-4 "
+                            "--min-lr 1e-6 --lr-warmup-fraction 0.2 --lr-decay-style linear")
+
+
+def _training(parser):
+    group = parser.add_argument_group("training (Megatron-LM)")
+    group.add_argument("--micro-batch-size", type=int, default=None)
+    group.add_argument("--global-batch-size", type=int, default=None)
+    group.add_argument("--train-iters", type=int, required=True)
+    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    group.add_argument("--lr", type=float, default=None)
+    group.add_argument("--min-lr", type=float, default=0.0)
+    group.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="linear")
+    group.add_argument("--lr-decay-iters", type=int, default=None)
+    group.add_argument("--lr-warmup-iters", type=int, default=0)
+    group.add_argument("--lr-warmup-fraction", type=float, default=None)
+    group.add_argument("--lr-warmup-init", type=float, default=0.0)
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--clip-grad", type=float, default=1.0)
+    group.add_argument("--adam-beta1", type=float, default=0.9)
+    group.add_argument("--adam-beta2", type=float, default=0.999)
+    group.add_argument("--adam-eps", type=float, default=1e-08)
+    group.add_argument("--sgd-momentum", type=float, default=0.9)
+    group.add_argument("--override-opt_param-scheduler", action="store_true")
+    group.add_argument("--exit-signal-handler", action="store_true")
+    group.add_argument("--exit-interval", type=int, default=None)
+
+
+def _data(parser):
+    group = parser.add_argument_group("data (Megatron-LM)")
+    group.add_argument("--data-path", nargs="*", default=None,
+                       help="prefixes, or weight prefix weight prefix ... for a blend")
+    group.add_argument("--split", type=str, default="969, 30, 1")
+    group.add_argument("--seq-length", type=int, required=True)
+    group.add_argument("--data-cache-path", type=str, default=None)
+    group.add_argument("--eod-mask-loss", action="store_true")
+    group.add_argument("--reset-position-ids", action="store_true")
+    group.add_argument("--modality-loss-weights", nargs="+", default=None,
+                       help="ours: name=weight pairs, e.g. text=1 image=0.5")
+
+
+def _checkpointing(parser):
+    group = parser.add_argument_group("checkpointing (Megatron-LM)")
+    group.add_argument("--save", type=str, default=None)
+    group.add_argument("--load", type=str, default=None)
+    group.add_argument("--save-interval", type=int, default=None)
+    group.add_argument("--no-save-optim", action="store_true")
+    group.add_argument("--no-save-rng", action="store_true")
+    group.add_argument("--no-load-optim", action="store_true")
+    group.add_argument("--no-load-rng", action="store_true")
+    group.add_argument("--finetune", action="store_true")
+    group.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+
+
+def _logging(parser):
+    group = parser.add_argument_group("logging and evaluation (Megatron-LM)")
+    group.add_argument("--log-interval", type=int, default=100)
+    group.add_argument("--eval-interval", type=int, default=1000)
+    group.add_argument("--eval-iters", type=int, default=100)
+    group.add_argument("--tensorboard-dir", type=str, default=None)
+    group.add_argument("--tensorboard-log-interval", type=int, default=1)
+    group.add_argument("--log-params-norm", action="store_true")
+    group.add_argument("--log-num-zeros-in-grad", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain-moma", allow_abbrev=False,
+        description="Pretrain a mixed-modal model (dense, MoMa, MoT, MoT+MoMa, with or without MoD)",
+    )
+    for add_group in (_parallel, _model, _architecture, _training, _data, _checkpointing, _logging):
+        add_group(parser)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argparse.Namespace:
+    """Parse and validate; fills Megatron-LM's derived defaults (ffn size, batch sizes, ...)."""
+    args = build_parser().parse_args(argv)
+    args.world_size = world_size
+    if args.train_aux_routers:
+        _apply_aux_router_schedule(args, argv or [])
+    _fill_defaults(args)
+    validate(args)
+    return args
+
+
+def _apply_aux_router_schedule(args: argparse.Namespace, argv: List[str]) -> None:
+    """The paper's stage-2 schedule for every LR flag the command line does not set."""
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    for name, value in AUX_ROUTER_SCHEDULE.items():
+        if "--" + name.replace("_", "-") not in given:
+            setattr(args, name, value)
+    if "--lr-warmup-iters" in given:
+        args.lr_warmup_fraction = None
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.kv_channels is None and args.hidden_size % args.num_attention_heads == 0:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.micro_batch_size is None:
+        args.micro_batch_size = 1
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    args.data_parallel_size = args.world_size // model_parallel if model_parallel else 0
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_fraction is not None:
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ArgumentError(message)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Raise ArgumentError for every combination Megatron-LM or our layers would reject later."""
+    _require(args.lr is not None, "--lr is required")
+    _require(args.data_path, "--data-path is required (a prefix, or weight prefix pairs)")
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    _require(args.world_size % model_parallel == 0,
+             f"world size {args.world_size} is not divisible by --tensor-model-parallel-size x "
+             f"--pipeline-model-parallel-size = {model_parallel}")
+    per_step = args.micro_batch_size * args.data_parallel_size
+    _require(args.global_batch_size % per_step == 0,
+             f"--global-batch-size {args.global_batch_size} is not divisible by "
+             f"--micro-batch-size x data-parallel size = {per_step}")
+    _require(args.hidden_size % args.num_attention_heads == 0 or args.kv_channels is not None,
+             "--hidden-size must be divisible by --num-attention-heads (or set --kv-channels)")
+    _require(not args.sequence_parallel or args.tensor_model_parallel_size > 1,
+             "--sequence-parallel needs --tensor-model-parallel-size > 1")
+    _require(args.lr_warmup_iters < args.lr_decay_iters,
+             f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+             f"{args.lr_decay_iters} (default --train-iters)")
+    _require(not args.use_distributed_optimizer or args.optimizer == "adam",
+             "--use-distributed-optimizer supports --optimizer adam only (as megatron-core)")
+    _require(args.save_interval is None or args.save is not None, "--save-interval needs --save")
+    _require(not args.train_aux_routers or args.load is not None,
+             "--train-aux-routers needs --load (the trained checkpoint whose routers to imitate)")
+    _require(args.eval_iters >= 0 and args.log_interval > 0 and args.eval_interval > 0,
+             "--log-interval and --eval-interval must be > 0, --eval-iters >= 0")
+    _validate_split(args.split)
+    _validate_pipeline(args)
+    _validate_moma(args)
+
+
+def _validate_split(split: str) -> None:
+    try:
+        weights = [float(part) for part in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ArgumentError(f"--split {split!r} must be comma-separated numbers, e.g. '969,30,1'")
+    _require(len(weights) <= 3 and sum(weights) > 0, f"--split {split!r}: up to 3 weights, sum > 0")
+
+
+def _validate_pipeline(args: argparse.Namespace) -> None:
+    pp = args.pipeline_model_parallel_size
+    _require(args.num_layers % pp == 0,
+             f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    per_stage = args.num_layers_per_virtual_pipeline_stage
+    if per_stage is not None:
+        _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        _require((args.num_layers // pp) % per_stage == 0,
+                 f"layers per pipeline stage {args.num_layers // pp} are not divisible by "
+                 f"--num-layers-per-virtual-pipeline-stage {per_stage}")
+        num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+        _require(num_microbatches % pp == 0,
+                 f"interleaved pipelining needs the number of micro-batches ({num_microbatches}) "
+                 f"to be a multiple of --pipeline-model-parallel-size {pp}")
+
+
+def _validate_moma(args: argparse.Namespace) -> None:
+    if "moma" not in args.architecture:
+        return
+    _require(args.disable_bias_linear, "MoMa experts need --disable-bias-linear (as Megatron's MoE on CPU)")
+    _require(args.tensor_model_parallel_size == 1 or args.sequence_parallel,
+             "MoMa with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    ep = args.expert_model_parallel_size
+    for experts in args.moma_experts_per_modality:
+        _require(experts % ep == 0,
+                 f"--moma-experts-per-modality {args.moma_experts_per_modality}: every group must be "
+                 f"divisible by --expert-model-parallel-size {ep}")
+
+
+def virtual_pipeline_size(args: argparse.Namespace) -> Optional[int]:
+    """Model chunks per pipeline rank (Megatron-LM derives it the same way), or None."""
+    if args.num_layers_per_virtual_pipeline_stage is None:
+        return None
+    layers_per_stage = args.num_layers // args.pipeline_model_parallel_size
+    return math.ceil(layers_per_stage / args.num_layers_per_virtual_pipeline_stage)

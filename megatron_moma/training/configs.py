@@ -1,0 +1,143 @@
+"""From parsed flags to the objects megatron-core takes: the layout, the model and optimizer
+configs, and the vocabulary (read from the dataset's `.vocab.json` sidecar)."""
+
+import argparse
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.datasets.utils import get_blend_from_list
+from megatron.core.optimizer import OptimizerConfig
+
+from megatron_moma.config import ModalityTransformerConfig, MoDOptions, MoMaOptions, MoTOptions
+from megatron_moma.data.vocabulary import VocabularyLayout, read_sidecar, sidecar_path
+from megatron_moma.modality import ModalityLayout
+from megatron_moma.modality.layout import Modality
+from megatron_moma.parallel.layout import ParallelLayout
+from megatron_moma.training.arguments import ArgumentError, virtual_pipeline_size
+
+
+def parallel_layout(args: argparse.Namespace) -> ParallelLayout:
+    return ParallelLayout(
+        tensor_parallel_size=args.tensor_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        pipeline_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_parallel_size=virtual_pipeline_size(args),
+        expert_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+
+
+def _parallel_fields(layout: ParallelLayout) -> Dict[str, object]:
+    """The TransformerConfig fields of a parallel layout."""
+    return dict(
+        tensor_model_parallel_size=layout.tensor_parallel_size,
+        sequence_parallel=layout.sequence_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel_size,
+        expert_model_parallel_size=layout.expert_parallel_size,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
+    )
+
+
+def vocabulary(args: argparse.Namespace) -> VocabularyLayout:
+    """The vocabulary layout in the sidecar of the first `--data-path` prefix."""
+    prefixes, _ = get_blend_from_list(args.data_path)
+    path = sidecar_path(prefixes[0])
+    try:
+        return read_sidecar(path)
+    except FileNotFoundError:
+        raise ArgumentError(f"--data-path {prefixes[0]}: no vocabulary sidecar {path} "
+                            "(write the dataset with moma-preprocess)")
+
+
+def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
+    """Megatron-LM's padding: a multiple of --make-vocab-size-divisible-by x TP."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def modality_layout(vocab: VocabularyLayout) -> ModalityLayout:
+    return ModalityLayout(tuple(Modality(r.name, r.first_id, r.last_id) for r in vocab.ranges))
+
+
+def _option_groups(args: argparse.Namespace) -> Dict[str, Optional[object]]:
+    moma = mot = mod = None
+    if "moma" in args.architecture:
+        moma = MoMaOptions(
+            experts_per_modality=tuple(args.moma_experts_per_modality),
+            routing=args.moma_routing,
+            capacity_factor=args.moma_capacity_factor,
+            gumbel_noise=args.moma_gumbel_noise,
+            inference_routing=args.moma_inference_routing,
+            token_choice_topk=args.moma_token_choice_topk,
+            aux_router=not args.moma_no_aux_router,
+            aux_loss_coeff=args.moma_aux_loss_coeff,
+        )
+    if args.architecture.startswith("mot"):
+        mot = MoTOptions(untie=frozenset(args.mot_untie), norm_placement=args.mot_norm_placement,
+                         qk_layernorm=args.qk_layernorm)
+    if args.mod:
+        mod = MoDOptions(
+            capacity=args.mod_capacity,
+            layers=tuple(args.mod_layers) if args.mod_layers is not None else None,
+            aux_router=not args.mod_no_aux_router,
+            inference_routing=args.mod_inference_routing,
+            aux_loss_coeff=args.mod_aux_loss_coeff,
+        )
+    return dict(moma=moma, mot=mot, mod=mod)
+
+
+def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> ModalityTransformerConfig:
+    """The model's config; ValueErrors from the option groups become ArgumentErrors."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    try:
+        return ModalityTransformerConfig(
+            num_layers=args.num_layers,
+            hidden_size=args.hidden_size,
+            ffn_hidden_size=args.ffn_hidden_size,
+            num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups if args.group_query_attention else None,
+            kv_channels=args.kv_channels,
+            gated_linear_unit=args.swiglu,
+            activation_func=F.silu if args.swiglu else F.gelu,
+            normalization=args.normalization,
+            layernorm_epsilon=args.norm_epsilon,
+            add_bias_linear=not args.disable_bias_linear,
+            qk_layernorm=args.qk_layernorm,
+            init_method_std=args.init_method_std,
+            hidden_dropout=args.hidden_dropout,
+            attention_dropout=args.attention_dropout,
+            bf16=args.bf16,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            use_cpu_initialization=args.device == "cpu",
+            recompute_granularity=args.recompute_granularity,
+            recompute_method=args.recompute_method,
+            recompute_num_layers=args.recompute_num_layers,
+            **_parallel_fields(parallel_layout(args)),
+            # gloo pairs batched sends by posting order (CPU_NOTES.md): one at a time on CPU.
+            batch_p2p_comm=args.device != "cpu",
+            modality_layout=layout,
+            **_option_groups(args),
+        )
+    except ValueError as error:
+        raise ArgumentError(f"invalid model flags: {error}") from error
+
+
+def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        sgd_momentum=args.sgd_momentum,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+    )
