@@ -132,6 +132,17 @@ def test_every_architecture_reduces_the_loss(data_path, tmp_path, architecture):
     assert list(validation) == [30] and validation[30] < first - 1.0
     image = _scalars(os.path.join(root, "tb-run"), "image loss")
     assert image[30] < image[1]
+    if architecture == MOMA_2T2I:
+        # Expert choice at capacity factor 1: each of a group's experts takes ceil(n / E) of its
+        # n tokens, so every expert's load is exactly the ideal.
+        for layer, group, expert in [(1, "text", 0), (2, "image", 1)]:
+            load = _scalars(os.path.join(root, "tb-run"), f"moma/layer{layer:03d}/{group}/expert{expert}_load")
+            assert set(load.values()) == {1.0}
+        taken = [_scalars(os.path.join(root, "tb-run"), f"moma/layer001/image/tokens_taken_by_{n}")[30]
+                 for n in ("0", "1", "2plus")]
+        assert sum(taken) == pytest.approx(1.0) and taken[0] > 0
+    if "--mod" in architecture:  # MoD on layer 1 only, half of each 32-token sequence
+        assert set(_scalars(os.path.join(root, "tb-run"), "mod/layer001/selection_rate").values()) == {0.5}
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_path, tmp_path, capfd):
@@ -243,6 +254,9 @@ def test_aux_router_stage_trains_only_the_auxiliary_routers(data_path, tmp_path)
     learning_rate = _scalars(os.path.join(root, "tb-aux"), "learning-rate")
     assert (learning_rate[1], learning_rate[2], learning_rate[10]) == pytest.approx((5e-5, 1e-4, 1e-6))
     assert list(_scalars(os.path.join(root, "tb-aux"), "lm loss validation")) == [10]
+    for tag in ("moma/layer001/text/aux_router_accuracy", "moma/layer002/image/aux_router_recall"):
+        values = _scalars(os.path.join(root, "tb-aux"), tag)
+        assert len(values) == 10 and all(0.0 <= v <= 1.0 for v in values.values())
 
 
 def test_a_save_killed_half_way_leaves_the_previous_checkpoint_as_latest(data_path, tmp_path):

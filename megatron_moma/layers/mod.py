@@ -32,6 +32,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_moma.layers.routers import AuxiliaryRouter
+from megatron_moma.layers.routing_statistics import ROUTING_STATISTICS
 from megatron_moma.modality.context import ModalityAware
 from megatron_moma.modality.index import ModalityIndex
 
@@ -69,6 +70,9 @@ class MoDTransformerLayer(TransformerLayer, ModalityAware):
         else:
             chosen = self._top_k(scores.detach())
             output = self._through_layer(full, scores, chosen, rotary_pos_emb, kwargs)
+            if self.training and self._records_statistics():
+                ROUTING_STATISTICS.add(f"mod/layer{self.layer_number:03d}/selection",
+                                       torch.tensor([chosen.numel(), scores.numel()]))
             if self.training and self.mod_aux_router is not None:
                 output = MoEAuxLossAutoScaler.apply(output, self._aux_router_loss(full, chosen))
         return self._scatter_sequence(output), None
@@ -133,7 +137,15 @@ class MoDTransformerLayer(TransformerLayer, ModalityAware):
         target = torch.zeros(full.shape[:2], dtype=full.dtype, device=full.device)
         target.scatter_(0, chosen, 1.0)
         predicted = self.mod_aux_router(full.detach()).squeeze(-1)
+        if self._records_statistics():
+            ROUTING_STATISTICS.add_aux_router_decisions(
+                f"mod/layer{self.layer_number:03d}", predicted, target
+            )
         return self.options.aux_loss_coeff * F.binary_cross_entropy(predicted, target)
+
+    def _records_statistics(self) -> bool:
+        """The TP ranks choose on the same gathered sequence: one of them records."""
+        return parallel_state.get_tensor_model_parallel_rank() == 0
 
     def _sequence_parallel_size(self) -> int:
         if not self.config.sequence_parallel:

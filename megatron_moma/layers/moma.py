@@ -44,6 +44,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from megatron_moma.dispatch import expert_parallel
 from megatron_moma.layers.routers import AuxiliaryRouter, ExpertChoiceRouter
+from megatron_moma.layers.routing_statistics import ROUTING_STATISTICS
 from megatron_moma.modality.context import ModalityAware
 
 
@@ -134,13 +135,18 @@ class MoMaMLP(MegatronModule, ModalityAware):
                 continue
             group_tokens = tokens[rows]
             if not self.expert_choice:
-                selections.append(self._select_by_token_choice(name, group_tokens))
-                continue
-            scores = self.routers[name](group_tokens)
-            counts = [c[modality] for c in chunk_counts]
-            selection = self._select(name, group_tokens, scores, counts)
+                selection = self._select_by_token_choice(name, group_tokens)
+            else:
+                scores = self.routers[name](group_tokens)
+                counts = [c[modality] for c in chunk_counts]
+                selection = self._select(name, group_tokens, scores, counts)
             selections.append(selection)
-            if self.training and self.aux_routers is not None:
+            if self.training and self._records_statistics():
+                ROUTING_STATISTICS.add_expert_loads(
+                    self.layer_number or 0, name, selection.expert,
+                    self.options.experts_per_modality[modality], selection.rows, rows.numel(),
+                )
+            if self.training and self.expert_choice and self.aux_routers is not None:
                 aux_losses.append(
                     self._aux_router_loss(name, group_tokens, selection, scores.shape, sum(counts))
                 )
@@ -163,6 +169,10 @@ class MoMaMLP(MegatronModule, ModalityAware):
             loss = torch.stack(aux_losses).sum() * self.options.aux_loss_coeff
             output = MoEAuxLossAutoScaler.apply(output, loss)
         return output, None
+
+    def _records_statistics(self) -> bool:
+        """Every rank records its own tokens; without SP the TP ranks hold the same ones."""
+        return not self.split_rows_over_tp or self.tp_group.rank() == 0
 
     def _tp_share(self, selection):
         """Every TP-size-th chosen row, from this TP rank's offset."""
@@ -238,6 +248,10 @@ class MoMaMLP(MegatronModule, ModalityAware):
         target = torch.zeros(shape, dtype=group_tokens.dtype, device=group_tokens.device)
         target[selection.rows, selection.expert] = 1.0
         predicted = self.aux_routers[name](group_tokens.detach())
+        if self._records_statistics():
+            ROUTING_STATISTICS.add_aux_router_decisions(
+                f"moma/layer{self.layer_number or 0:03d}/{name}", predicted, target
+            )
         total = F.binary_cross_entropy(predicted, target, reduction="sum")
         return total / max(1, scope_tokens * shape[1])
 

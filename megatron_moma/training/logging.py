@@ -2,7 +2,11 @@
 
 Names are Megatron-LM's, which users grep for: `lm loss`, `learning-rate`, `grad-norm`,
 `num-zeros`, `params-norm`, `iteration-time`, `throughput` (TFLOP/s per device), each TensorBoard
-scalar also "vs samples"; ours: `{modality} loss` and `tokens-per-sec`. The console line and the
+scalar also "vs samples"; ours: `{modality} loss` and `tokens-per-sec`, and per MoMa / MoD layer
+the routing statistics of megatron_moma.layers.routing_statistics over each log interval
+(`moma/layerNNN/{modality}/expert{j}_load`, `.../tokens_taken_by_{0,1,2plus}`,
+`.../aux_router_{accuracy,recall}`, `mod/layerNNN/selection_rate`), the mean auxiliary-router
+accuracy also on the console line. The console line and the
 TensorBoard writer live on the last rank, which holds the loss (as in Megatron-LM).
 """
 
@@ -11,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
+
+from megatron_moma.layers.routing_statistics import ROUTING_STATISTICS
 
 
 @dataclass
@@ -80,7 +86,11 @@ class TrainingLogger:
         if self.writer is not None and iteration % self.tensorboard_log_interval == 0:
             self._tensorboard(iteration, samples, metrics, seconds, flops, params_norm)
         if iteration % self.log_interval == 0 or iteration == self.train_iters:
-            self._console(iteration, samples, metrics, params_norm)
+            routing = ROUTING_STATISTICS.report()  # collective: every rank calls step()
+            if self.writer is not None:
+                for name, value in routing.items():
+                    self._scalar(name, value, iteration, samples)
+            self._console(iteration, samples, metrics, params_norm, routing)
             self.totals = IntervalTotals()
 
     def _tensorboard(self, iteration, samples, metrics: StepMetrics, seconds, flops, params_norm):
@@ -96,7 +106,8 @@ class TrainingLogger:
         if params_norm is not None:
             self._scalar("params-norm", params_norm, iteration, samples)
 
-    def _console(self, iteration, samples, metrics: StepMetrics, params_norm) -> None:
+    def _console(self, iteration, samples, metrics: StepMetrics, params_norm,
+                 routing: Dict[str, float]) -> None:
         if not _is_last_rank():
             return
         totals = self.totals
@@ -115,6 +126,9 @@ class TrainingLogger:
             parts.append(f"num zeros: {metrics.num_zeros:.1f}")
         if params_norm is not None:
             parts.append(f"params norm: {params_norm:.3f}")
+        accuracies = [v for k, v in routing.items() if k.endswith("aux_router_accuracy")]
+        if accuracies:
+            parts.append(f"aux-router accuracy: {sum(accuracies) / len(accuracies):.3f}")
         print(" | ".join(parts) + " |", flush=True)
 
     def evaluation(self, iteration: int, samples: int, losses: Dict[str, float]) -> None:
