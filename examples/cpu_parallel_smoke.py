@@ -19,7 +19,6 @@ single-process one:
 import argparse
 import json
 
-import torch
 import torch.distributed as dist
 
 from megatron_moma.config import MoDOptions, MoMaOptions, MoTOptions

@@ -64,6 +64,17 @@ class ParallelLayout:
             parts.append(f"etp{self.expert_tensor_parallel_size}")
         return "-".join(parts) or "ws1"
 
+    def transformer_config_fields(self) -> dict:
+        """The fields of Megatron's TransformerConfig (ModelParallelConfig) this layout sets."""
+        return dict(
+            tensor_model_parallel_size=self.tensor_parallel_size,
+            sequence_parallel=self.sequence_parallel,
+            pipeline_model_parallel_size=self.pipeline_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_parallel_size,
+            expert_model_parallel_size=self.expert_parallel_size,
+            expert_tensor_parallel_size=self.expert_tensor_parallel_size,
+        )
+
     def initialize(self) -> None:
         """Create Megatron's process groups for this layout (torch.distributed must be initialized)."""
         parallel_state.initialize_model_parallel(

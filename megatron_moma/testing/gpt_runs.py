@@ -131,12 +131,7 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
         use_cpu_initialization=True,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=layout.tensor_parallel_size,
-        sequence_parallel=layout.sequence_parallel,
-        pipeline_model_parallel_size=layout.pipeline_parallel_size,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel_size,
-        expert_model_parallel_size=layout.expert_parallel_size,
-        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
+        **layout.transformer_config_fields(),
         # gloo pairs batched sends by posting order and swaps tensors when the previous and next
         # stage are the same rank (CPU_NOTES.md): send and receive one at a time.
         batch_p2p_comm=False,

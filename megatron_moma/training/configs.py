@@ -28,18 +28,6 @@ def parallel_layout(args: argparse.Namespace) -> ParallelLayout:
     )
 
 
-def _parallel_fields(layout: ParallelLayout) -> Dict[str, object]:
-    """The TransformerConfig fields of a parallel layout."""
-    return dict(
-        tensor_model_parallel_size=layout.tensor_parallel_size,
-        sequence_parallel=layout.sequence_parallel,
-        pipeline_model_parallel_size=layout.pipeline_parallel_size,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel_size,
-        expert_model_parallel_size=layout.expert_parallel_size,
-        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
-    )
-
-
 def vocabulary(args: argparse.Namespace) -> VocabularyLayout:
     """The vocabulary layout in the sidecar of the first `--data-path` prefix."""
     prefixes, _ = get_blend_from_list(args.data_path)
@@ -115,7 +103,7 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
             recompute_granularity=args.recompute_granularity,
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,
-            **_parallel_fields(parallel_layout(args)),
+            **parallel_layout(args).transformer_config_fields(),
             # gloo pairs batched sends by posting order (CPU_NOTES.md): one at a time on CPU.
             batch_p2p_comm=args.device != "cpu",
             modality_layout=layout,
