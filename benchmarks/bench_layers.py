@@ -2,7 +2,8 @@
 
 Every variant has the dense layer's active FLOPs per token (MoMa and moe_8x: expert choice at
 capacity factor 1 over experts of the dense FFN's size; MoT: the dense shapes per modality) except
-MoD, whose layer processes `capacity` of the tokens (its FLOPs ratio is printed beside it).
+MoD, whose layer processes `capacity` of the tokens (printed as its FLOPs ratio: exact for the
+projections and MLP, an upper bound for attention, which scales with capacity squared).
 Each variant runs in its own forked process (one gloo rank) on the same tokens, after warm-up;
 the table gives the median time of `--iters` steps as a ratio to dense measured in the same run,
 and the growth of the process's peak resident memory. Results also go to a JSON file.
