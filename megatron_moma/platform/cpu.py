@@ -228,7 +228,6 @@ def _torch_norm_with_sequence_parallel(original_new):
     return staticmethod(__new__)
 
 
-
 def _adam_state_materialised_before_state_dict(original):
     """Without TE/apex, DistributedOptimizer.state_dict reads Adam's step from torch Adam's
     per-parameter state and asserts it is one value; that state is empty before the first step,
@@ -271,6 +270,7 @@ def _adam_step_kept_on_parameter_state_load(original):
         return original(self, model_param, tensors)
 
     return set_states
+
 
 _MEGATRON_PATCHES: List[MegatronPatch] = [
     MegatronPatch(
