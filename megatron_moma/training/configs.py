@@ -10,7 +10,12 @@ from megatron.core.datasets.utils import get_blend_from_list
 from megatron.core.optimizer import OptimizerConfig
 
 from megatron_moma.config import ModalityTransformerConfig, MoDOptions, MoMaOptions, MoTOptions
-from megatron_moma.data.vocabulary import VocabularyLayout, read_sidecar, sidecar_path
+from megatron_moma.data.vocabulary import (
+    MODALITY_NAMES,
+    VocabularyLayout,
+    read_sidecar,
+    sidecar_path,
+)
 from megatron_moma.modality import ModalityLayout
 from megatron_moma.modality.layout import Modality
 from megatron_moma.parallel.layout import ParallelLayout
@@ -46,7 +51,20 @@ def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
 
 
 def modality_layout(vocab: VocabularyLayout) -> ModalityLayout:
-    return ModalityLayout(tuple(Modality(r.name, r.first_id, r.last_id) for r in vocab.ranges))
+    """The model's modality layout for a dataset vocabulary, with the same modality ids.
+
+    The dataset numbers modalities by name (MODALITY_NAMES: text 0, image 1, speech 2); the
+    model by position in its layout. The ranges are put in name order, and a vocabulary that
+    skips a modality (speech without image) is refused, since its ids could not agree.
+    """
+    ranges = sorted(vocab.ranges, key=lambda r: MODALITY_NAMES.index(r.name))
+    names = [r.name for r in ranges]
+    if names != list(MODALITY_NAMES[1 : 1 + len(names)]):
+        raise ArgumentError(
+            f"the dataset vocabulary has modalities {names}; the model numbers modalities by "
+            f"position, so they must be the first of {list(MODALITY_NAMES[1:])} without gaps"
+        )
+    return ModalityLayout(tuple(Modality(r.name, r.first_id, r.last_id) for r in ranges))
 
 
 def _option_groups(args: argparse.Namespace) -> Dict[str, Optional[object]]:
