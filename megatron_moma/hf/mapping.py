@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 import torch
 
 from megatron_moma.data.vocabulary import VocabularyLayout
-from megatron_moma.hf.configuration_moma import MoMaConfig
+from megatron_moma.hf.configuration_moma import NORMALIZATIONS, POSITION_EMBEDDINGS, MoMaConfig
 from megatron_moma.hf.modeling_moma import MoMaForCausalLM
 from megatron_moma.training import configs
 
@@ -56,6 +56,7 @@ def hf_config_from_run_config(run_config: Dict[str, Any]) -> MoMaConfig:
     the Hugging Face side cannot run causally (expert choice or MoD without auxiliary routers).
     """
     args = argparse.Namespace(**run_config["arguments"])
+    _check_supported(args)
     vocabulary = VocabularyLayout.from_dict(run_config["vocabulary"])
     layout = configs.modality_layout(vocabulary)
     model = configs.transformer_config(args, layout)
@@ -63,7 +64,6 @@ def hf_config_from_run_config(run_config: Dict[str, Any]) -> MoMaConfig:
         raise ValueError(f"run config: architecture {run_config['architecture']!r} does not match "
                          f"its flags (--architecture {args.architecture}, --mod {args.mod}), which "
                          f"build {model.architecture!r}")
-    _check_supported(args)
     fields = dict(
         vocab_size=run_config["padded_vocab_size"],
         hidden_size=model.hidden_size,
@@ -116,7 +116,13 @@ def hf_config_from_run_config(run_config: Dict[str, Any]) -> MoMaConfig:
 
 
 def _check_supported(args: argparse.Namespace) -> None:
-    """ValueError for flag values whose model the Hugging Face side cannot run causally."""
+    """ValueError for flag values the Hugging Face model does not implement."""
+    for flag, value, supported in (
+            ("--position-embedding-type", args.position_embedding_type, POSITION_EMBEDDINGS),
+            ("--normalization", args.normalization, NORMALIZATIONS)):
+        if value not in supported:
+            raise ValueError(f"unsupported flag {flag} {value}: the Hugging Face model "
+                             f"implements {', '.join(supported)}")
     routed = "moma" in args.architecture and max(args.moma_experts_per_modality) > 1
     if routed and args.moma_routing == "expert_choice" and args.moma_no_aux_router:
         raise ValueError("unsupported flag --moma-no-aux-router with --moma-routing expert_choice: "
