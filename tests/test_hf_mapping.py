@@ -70,6 +70,7 @@ class MegatronRun:
     state_dict: Dict[str, torch.Tensor]
     tokens: torch.Tensor  # [BATCH, SEQ]
     logits: torch.Tensor  # [BATCH, SEQ, padded vocabulary]
+    losses: torch.Tensor  # [BATCH, SEQ - 1] Megatron's cross-entropy of each next token
 
 
 def eval_batch() -> torch.Tensor:
@@ -114,11 +115,12 @@ def build_megatron(run_config_flags: List[str]):
     return model, _run_config(args, VOCABULARY, padded, config)
 
 
-def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+def megatron_logits(model, tokens: torch.Tensor, labels=None) -> torch.Tensor:
+    """Eval-mode logits [b, s, vocab], or with `labels` [b, s] the per-token losses [b, s]."""
     model.eval()
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
-        return model(tokens, positions, attention_mask=None)
+        return model(tokens, positions, attention_mask=None, labels=labels)
 
 
 def _initialize():
@@ -137,7 +139,8 @@ def _build_runs(variants: Dict[str, List[str]]) -> Dict[str, MegatronRun]:
         model, run_config = build_megatron(BASE_FLAGS + flags)
         randomize(model, seed)
         state_dict = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        runs[name] = MegatronRun(run_config, state_dict, tokens, megatron_logits(model, tokens))
+        losses = megatron_logits(model, tokens[:, :-1], labels=tokens[:, 1:])
+        runs[name] = MegatronRun(run_config, state_dict, tokens, megatron_logits(model, tokens), losses)
     return runs
 
 

@@ -47,72 +47,91 @@ SHARED = "shared"  # Megatron's name of a tied MoT component's single weight set
 
 
 # ----------------------------------------------------------------------------- configs
+# (flag dest, MoMaConfig field, negated): the flags that carry over one to one, by the option
+# group that uses them ("model": every architecture).
+_FLAG_FIELDS: Dict[str, Tuple[Tuple[str, str, bool], ...]] = {
+    "model": (
+        ("num_layers", "num_hidden_layers", False),
+        ("hidden_size", "hidden_size", False),
+        ("ffn_hidden_size", "intermediate_size", False),
+        ("num_attention_heads", "num_attention_heads", False),
+        ("kv_channels", "head_dim", False),
+        ("max_position_embeddings", "max_position_embeddings", False),
+        ("seq_length", "seq_length", False),
+        ("position_embedding_type", "position_embedding_type", False),
+        ("rotary_base", "rotary_base", False),
+        ("normalization", "normalization", False),
+        ("norm_epsilon", "norm_epsilon", False),
+        ("swiglu", "swiglu", False),
+        ("disable_bias_linear", "add_bias_linear", True),
+        ("qk_layernorm", "qk_layernorm", False),
+        ("untie_embeddings_and_output_weights", "tie_word_embeddings", True),
+        ("make_vocab_size_divisible_by", "make_vocab_size_divisible_by", False),
+        ("init_method_std", "initializer_range", False),
+        ("hidden_dropout", "hidden_dropout", False),
+        ("attention_dropout", "attention_dropout", False),
+        ("architecture", "architecture", False),
+    ),
+    "moma": (
+        ("moma_experts_per_modality", "moma_experts_per_modality", False),
+        ("moma_routing", "moma_routing", False),
+        ("moma_token_choice_topk", "moma_token_choice_topk", False),
+        ("moma_no_aux_router", "moma_aux_router", True),
+        ("moma_capacity_factor", "moma_capacity_factor", False),
+        ("moma_gumbel_noise", "moma_gumbel_noise", False),
+        ("moma_aux_loss_coeff", "moma_aux_loss_coeff", False),
+    ),
+    "mot": (
+        ("mot_untie", "mot_untie", False),
+        ("mot_norm_placement", "mot_norm_placement", False),
+    ),
+    "mod": (
+        ("mod_capacity", "mod_capacity", False),
+        ("mod_no_aux_router", "mod_aux_router", True),
+        ("mod_aux_loss_coeff", "mod_aux_loss_coeff", False),
+    ),
+}
+
+
+def _flag_groups(architecture: str, mod: bool) -> List[str]:
+    """The option groups a model uses; the others keep their defaults on both sides."""
+    groups = ["model"] + [g for g in ("moma", "mot") if g in architecture]
+    return groups + (["mod"] if mod else [])
+
+
 def hf_config_from_run_config(run_config: Dict[str, Any]) -> MoMaConfig:
     """The Hugging Face config of the model a `pretrain_moma` run built.
 
     `run_config` is the run_config.json saved beside each checkpoint: `arguments` (every parsed
     flag), `vocabulary` (`VocabularyLayout.to_dict()`), `padded_vocab_size`, and optionally
     `architecture` (checked against the flags). Raises ValueError naming the flag for a model
-    the Hugging Face side cannot run causally (expert choice or MoD without auxiliary routers).
+    the Hugging Face model does not implement (expert choice or MoD without auxiliary routers,
+    an unknown position embedding or norm).
     """
     args = argparse.Namespace(**run_config["arguments"])
     _check_supported(args)
     vocabulary = VocabularyLayout.from_dict(run_config["vocabulary"])
     layout = configs.modality_layout(vocabulary)
-    model = configs.transformer_config(args, layout)
+    model = configs.transformer_config(args, layout)  # validates the flags as the trainer does
     if run_config.get("architecture", model.architecture) != model.architecture:
         raise ValueError(f"run config: architecture {run_config['architecture']!r} does not match "
                          f"its flags (--architecture {args.architecture}, --mod {args.mod}), which "
                          f"build {model.architecture!r}")
-    fields = dict(
+    fields = {field: (not getattr(args, flag)) if negated else getattr(args, flag)
+              for group in _flag_groups(args.architecture, args.mod)
+              for flag, field, negated in _FLAG_FIELDS[group]}
+    if model.mod is not None:
+        fields["mod_layers"] = [i for i in range(model.num_layers) if model.mod.routes_layer(i)]
+    return MoMaConfig(
+        **fields,
         vocab_size=run_config["padded_vocab_size"],
-        hidden_size=model.hidden_size,
-        intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.num_query_groups,
-        head_dim=model.kv_channels,
-        max_position_embeddings=args.max_position_embeddings,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
-        normalization=model.normalization,
-        norm_epsilon=model.layernorm_epsilon,
-        swiglu=model.gated_linear_unit,
-        add_bias_linear=model.add_bias_linear,
-        qk_layernorm=model.qk_layernorm,
-        tie_word_embeddings=not args.untie_embeddings_and_output_weights,
-        initializer_range=model.init_method_std,
-        architecture=args.architecture,
         modality_names=list(layout.names),
         vocabulary=vocabulary.to_dict(),
-        seq_length=args.seq_length,
-        hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         **_special_tokens(vocabulary),
         architectures=[MoMaForCausalLM.__name__],
         auto_map=dict(AUTO_MAP),
     )
-    if model.moma is not None:
-        fields.update(
-            moma_experts_per_modality=list(model.moma.experts_per_modality),
-            moma_routing=model.moma.routing,
-            moma_token_choice_topk=model.moma.token_choice_topk,
-            moma_aux_router=model.moma.aux_router,
-            moma_capacity_factor=model.moma.capacity_factor,
-            moma_gumbel_noise=model.moma.gumbel_noise,
-            moma_aux_loss_coeff=model.moma.aux_loss_coeff,
-        )
-    if model.mot is not None:
-        fields.update(mot_untie=sorted(model.mot.untie), mot_norm_placement=model.mot.norm_placement)
-    if model.mod is not None:
-        fields.update(
-            mod_layers=[i for i in range(model.num_layers) if model.mod.routes_layer(i)],
-            mod_capacity=model.mod.capacity,
-            mod_aux_router=model.mod.aux_router,
-            mod_aux_loss_coeff=model.mod.aux_loss_coeff,
-        )
-    return MoMaConfig(**fields)
 
 
 def _check_supported(args: argparse.Namespace) -> None:
@@ -146,52 +165,21 @@ def run_arguments_from_hf_config(hf_config: MoMaConfig) -> Dict[str, Any]:
     the parser's defaults overridden by these. Option groups the architecture does not use keep
     their defaults."""
     c = hf_config
+    mod = c.mod_layers is not None
+    arguments = {flag: (not getattr(c, field)) if negated else getattr(c, field)
+                 for group in _flag_groups(c.architecture, mod)
+                 for flag, field, negated in _FLAG_FIELDS[group]}
     gqa = c.num_key_value_heads != c.num_attention_heads
-    arguments = dict(
-        num_layers=c.num_hidden_layers,
-        hidden_size=c.hidden_size,
-        ffn_hidden_size=c.intermediate_size,
-        num_attention_heads=c.num_attention_heads,
+    arguments.update(
+        seq_length=c.seq_length or c.max_position_embeddings,
         group_query_attention=gqa,
         num_query_groups=c.num_key_value_heads if gqa else 1,
-        kv_channels=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings,
-        seq_length=c.seq_length or c.max_position_embeddings,
-        position_embedding_type=c.position_embedding_type,
-        rotary_base=c.rotary_base,
-        normalization=c.normalization,
-        norm_epsilon=c.norm_epsilon,
-        swiglu=c.swiglu,
-        disable_bias_linear=not c.add_bias_linear,
-        qk_layernorm=c.qk_layernorm,
-        untie_embeddings_and_output_weights=not c.tie_word_embeddings,
-        make_vocab_size_divisible_by=c.make_vocab_size_divisible_by,
-        init_method_std=c.initializer_range,
-        hidden_dropout=c.hidden_dropout,
-        attention_dropout=c.attention_dropout,
-        architecture=c.architecture,
-        mod=c.mod_layers is not None,
+        mod=mod,
+        vocabulary=dict(c.vocabulary),
+        padded_vocab_size=c.vocab_size,
     )
-    if c.architecture in ("moma", "mot+moma"):
-        arguments.update(
-            moma_experts_per_modality=list(c.moma_experts_per_modality),
-            moma_routing=c.moma_routing,
-            moma_token_choice_topk=c.moma_token_choice_topk,
-            moma_no_aux_router=not c.moma_aux_router,
-            moma_capacity_factor=c.moma_capacity_factor,
-            moma_gumbel_noise=c.moma_gumbel_noise,
-            moma_aux_loss_coeff=c.moma_aux_loss_coeff,
-        )
-    if c.architecture in ("mot", "mot+moma"):
-        arguments.update(mot_untie=sorted(c.mot_untie), mot_norm_placement=c.mot_norm_placement)
-    if c.mod_layers is not None:
-        arguments.update(
-            mod_layers=list(c.mod_layers),
-            mod_capacity=c.mod_capacity,
-            mod_no_aux_router=not c.mod_aux_router,
-            mod_aux_loss_coeff=c.mod_aux_loss_coeff,
-        )
-    arguments.update(vocabulary=dict(c.vocabulary), padded_vocab_size=c.vocab_size)
+    if mod:
+        arguments["mod_layers"] = list(c.mod_layers)
     return arguments
 
 
