@@ -204,7 +204,6 @@ class MoMaAttention(nn.Module):
 
     def __init__(self, config: MoMaConfig):
         super().__init__()
-        self.config = config
         h, d = config.hidden_size, config.head_dim
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
         untied = config.uses_mot and "attention" in config.mot_untie
@@ -252,7 +251,7 @@ class MoMaAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """down(silu(gate(x)) * up(x)) (SwiGLU) or down(gelu(up(x))), on rows [n, h]; with
+    """down(silu(gate(x)) * up(x)) (SwiGLU) or down(gelu(up(x))), tokens [*, h] -> [*, h]; with
     `untied`, one set of weights per modality (MoT)."""
 
     def __init__(self, config: MoMaConfig, swiglu: bool, bias: bool, untied: bool = False):
@@ -355,7 +354,6 @@ class MoMaDecoderLayer(nn.Module):
     def __init__(self, config: MoMaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.config = config
         pre_norm = not (config.uses_mot and config.mot_norm_placement == "post")
         norms_untied = config.uses_mot and "norms" in config.mot_untie
         norm = make_norm(config, config.hidden_size)
