@@ -5,6 +5,8 @@ generation equal to step-by-step full forwards, causality, and padding.
 """
 
 import functools
+import os
+import re
 import shutil
 import tempfile
 
@@ -32,7 +34,9 @@ def hf_model(name: str):
     missing, unexpected = model.load_state_dict(
         mapping.megatron_to_hf_state_dict(run.state_dict, config), strict=False)
     assert unexpected == [] and set(missing) <= ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as parent:
+        # A fixed folder name: transformers caches remote code per folder name, so runs reuse it.
+        folder = os.path.join(parent, "megatron_moma_" + re.sub(r"\W", "_", name))
         model.save_pretrained(folder)
         for path in mapping.HF_MODEL_FILES:
             shutil.copy(path, folder)
