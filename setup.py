@@ -64,11 +64,12 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "hf": ["transformers>=4.45"],
+        # The exported model's KV cache uses the per-layer Cache API (transformers 4.56).
+        "hf": ["transformers>=4.56"],
         "te": ["transformer-engine[pytorch]"],
         # The sample corpus reads scikit-learn's bundled digits (no download).
         "data": ["scikit-learn"],
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "transformers>=4.45"],
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "transformers>=4.56"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
