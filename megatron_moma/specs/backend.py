@@ -1,14 +1,27 @@
 """Which implementation backs our layer specs: Transformer Engine where it imports, local
-megatron-core modules otherwise (megatron-core's own BackendSpecProvider choice)."""
+megatron-core modules otherwise (megatron-core's own BackendSpecProvider choice).
+
+This module is the only place our specs choose between the two:
+- `transformer_layer_spec`: megatron-core's GPT layer (TE's fused layernorm-linears, TE core
+  attention; or local linears, norms and core attention), the frame of dense and MoMa layers;
+- `backend_provider(...).core_attention()`: MoT's global core attention;
+- `expert_spec`: MoMa's expert groups: SequentialMLP of TE or local linears, megatron-core's
+  TEGroupedMLP with `moe_grouped_gemm` under TE, our `GroupedExpertMLP` (torch's grouped and
+  FP8 matmuls) with `moe_grouped_gemm` or `expert_fp8` without TE.
+"""
 
 from typing import Optional
 
+from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_moma.config.fp8 import ExpertFp8Options
+from megatron_moma.layers.grouped_experts import GroupedExpertMLP
 
 
 def transformer_engine_available() -> bool:
-    from megatron.core.models.gpt import gpt_layer_specs
-
     return gpt_layer_specs.HAVE_TE
 
 
@@ -24,8 +37,39 @@ def resolve_use_te(use_te: Optional[bool]) -> bool:
 
 
 def backend_provider(use_te: bool) -> BackendSpecProvider:
-    if use_te:
-        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+    return TESpecProvider() if use_te else LocalSpecProvider()
 
-        return TESpecProvider()
-    return LocalSpecProvider()
+
+def transformer_layer_spec(use_te: bool, normalization: str, qk_layernorm: bool,
+                           moe: bool) -> ModuleSpec:
+    """megatron-core's GPT layer spec. Under TE the input norm is fused into the QKV linear
+    (TELayerNormColumnParallelLinear); `moe` gives the layer a separate pre-MLP norm (TENorm),
+    as megatron-core's MoE layers have, since the MLP is replaced. Locally the norms follow
+    `normalization` and are separate modules."""
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=2 if moe else None, qk_layernorm=qk_layernorm
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization,
+                                                   qk_layernorm=qk_layernorm)
+
+
+def expert_spec(use_te: bool, moe_grouped_gemm: bool,
+                expert_fp8: Optional[ExpertFp8Options]) -> ModuleSpec:
+    """The spec of one MoMa expert group, built with (num_local_experts, config, pg_collection).
+
+    Under TE, FP8 is TE's (`TransformerConfig.fp8`); `expert_fp8` is the path without TE.
+    """
+    if use_te and expert_fp8 is not None:
+        raise ValueError(
+            "expert_fp8 is FP8 without Transformer Engine; with Transformer Engine set "
+            "TransformerConfig.fp8 (--fp8-format) and MoMa's experts run TE's FP8 GEMMs"
+        )
+    provider = backend_provider(use_te)
+    if use_te or not (moe_grouped_gemm or expert_fp8 is not None):
+        module, submodules = provider.grouped_mlp_modules(moe_grouped_gemm, False)
+        return ModuleSpec(module=module, submodules=submodules)
+    # GroupedExpertMLP is a SequentialMLP: the same local linears hold its weights.
+    _, submodules = provider.grouped_mlp_modules(False, False)
+    return ModuleSpec(module=GroupedExpertMLP, submodules=submodules,
+                      params={"fp8_options": expert_fp8})
