@@ -8,13 +8,19 @@ This module is the only place our specs choose between the two:
 - `expert_spec`: MoMa's expert groups: SequentialMLP of TE or local linears, megatron-core's
   TEGroupedMLP with `moe_grouped_gemm` under TE, our `GroupedExpertMLP` (torch's grouped and
   FP8 matmuls) with `moe_grouped_gemm` or `expert_fp8` without TE.
+
+Without TE, megatron-core's extension module still imports and names TE's classes with
+placeholders, so the TE choices can be inspected (not built) on any machine.
 """
 
 from typing import Optional
 
+from megatron.core.extensions import transformer_engine as te_modules
 from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_moma.config.fp8 import ExpertFp8Options
@@ -58,18 +64,31 @@ def expert_spec(use_te: bool, moe_grouped_gemm: bool,
                 expert_fp8: Optional[ExpertFp8Options]) -> ModuleSpec:
     """The spec of one MoMa expert group, built with (num_local_experts, config, pg_collection).
 
-    Under TE, FP8 is TE's (`TransformerConfig.fp8`); `expert_fp8` is the path without TE.
+    Under TE: megatron-core's TEGroupedMLP on TE's grouped linears with `moe_grouped_gemm`, else
+    SequentialMLP of TE linears; FP8 is then TE's (`TransformerConfig.fp8`), and `expert_fp8`
+    (the path without TE) is refused. megatron-core's own fallbacks for old TE versions (the
+    legacy GroupedMLP, which needs the `grouped_gemm` package and has no FP8) are refused too.
+    Locally: SequentialMLP, or `GroupedExpertMLP` with `moe_grouped_gemm` or `expert_fp8`.
     """
-    if use_te and expert_fp8 is not None:
-        raise ValueError(
-            "expert_fp8 is FP8 without Transformer Engine; with Transformer Engine set "
-            "TransformerConfig.fp8 (--fp8-format) and MoMa's experts run TE's FP8 GEMMs"
-        )
-    provider = backend_provider(use_te)
-    if use_te or not (moe_grouped_gemm or expert_fp8 is not None):
-        module, submodules = provider.grouped_mlp_modules(moe_grouped_gemm, False)
-        return ModuleSpec(module=module, submodules=submodules)
+    if use_te:
+        if expert_fp8 is not None:
+            raise ValueError(
+                "expert_fp8 is FP8 without Transformer Engine; with Transformer Engine set "
+                "TransformerConfig.fp8 (--fp8-format) and MoMa's experts run TE's FP8 GEMMs"
+            )
+        if not moe_grouped_gemm:
+            return ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
+                linear_fc1=te_modules.TEColumnParallelLinear,
+                linear_fc2=te_modules.TERowParallelLinear))
+        if te_modules.TEColumnParallelGroupedLinear is None:
+            raise ValueError("grouped GEMM experts under Transformer Engine need its grouped "
+                             "linears (transformer-engine >= 1.9); this version lacks them")
+        return ModuleSpec(module=TEGroupedMLP, submodules=MLPSubmodules(
+            linear_fc1=te_modules.TEColumnParallelGroupedLinear,
+            linear_fc2=te_modules.TERowParallelGroupedLinear))
     # GroupedExpertMLP is a SequentialMLP: the same local linears hold its weights.
-    _, submodules = provider.grouped_mlp_modules(False, False)
-    return ModuleSpec(module=GroupedExpertMLP, submodules=submodules,
-                      params={"fp8_options": expert_fp8})
+    _, local_linears = LocalSpecProvider().grouped_mlp_modules(False, False)
+    if moe_grouped_gemm or expert_fp8 is not None:
+        return ModuleSpec(module=GroupedExpertMLP, submodules=local_linears,
+                          params={"fp8_options": expert_fp8})
+    return ModuleSpec(module=SequentialMLP, submodules=local_linears)
