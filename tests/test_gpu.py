@@ -331,5 +331,4 @@ def test_te_fp8_experts_against_bf16(megatron_on_gpu, recipe, grouped):
 if __name__ == "__main__":
     from megatron_moma.testing.multiprocess import run_on_ranks
 
-    sys.path.insert(0, TESTS)
     torch.save(run_on_ranks(_cpu_reference, 1, sys.argv[1], timeout=600)[0], sys.argv[2])
