@@ -75,14 +75,6 @@ def fp8_support_problem(recipe: str, use_te: bool, device_type: str,
     return None
 
 
-def check_fp8_support(recipe: str, use_te: bool, device: torch.device) -> None:
-    """Raise ValueError (with the reason) where `fp8_support_problem` finds one."""
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    problem = fp8_support_problem(recipe, use_te, device.type, capability)
-    if problem:
-        raise ValueError(problem)
-
-
 def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [..., R, C] -> (q in `dtype`, dequantization scale).
 

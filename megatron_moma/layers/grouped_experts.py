@@ -68,8 +68,10 @@ class GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = GroupedLinear._input_grad(grad_output, torch.stack(weights), ctx.counts,
                                                offsets, ctx.options)
-        grad_weights = torch._grouped_mm(grad_output.t(), x, offs=offsets)  # [E, N, K]
-        return (grad_x, None, None, *grad_weights.unbind(0))
+        grad_weights = [None] * len(weights)
+        if any(ctx.needs_input_grad[3:]):
+            grad_weights = torch._grouped_mm(grad_output.t(), x, offs=offsets).unbind(0)  # [N, K] each
+        return (grad_x, None, None, *grad_weights)
 
     @staticmethod
     def _input_grad(grad_output, stacked, counts, offsets, options):
