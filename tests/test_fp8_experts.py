@@ -319,7 +319,8 @@ def _fp8_experts_against_bf16(options):
     errors = []
     for seed in range(3):
         inputs = _inputs(seed, torch.bfloat16)
-        (out, dx, dw), (ref_out, ref_dx, ref_dw) = (_run_experts(m, *inputs) for m in (in_fp8, bf16))
+        (out, dx, dw), (ref_out, ref_dx, ref_dw) = (_run_experts(m, *inputs)
+                                                     for m in (in_fp8, bf16))
         errors.append((relative_error(out, ref_out), relative_error(dx, ref_dx),
                        max(relative_error(dw[name], ref_dw[name]) for name in dw
                            if ref_dw[name].any())))

@@ -24,7 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_moma.config import ExpertFp8Options, ModalityTransformerConfig, MoMaOptions, MoTOptions
+from megatron_moma.config import (
+    ExpertFp8Options,
+    ModalityTransformerConfig,
+    MoMaOptions,
+    MoTOptions,
+)
 from megatron_moma.modality import ModalityIndex, ModalityLayout
 from megatron_moma.modality.context import ModalityContext, attach_context
 

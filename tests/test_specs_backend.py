@@ -103,7 +103,8 @@ def test_local_specs_name_megatron_core_modules(without_te):
     (dict(mot=MoTOptions(), moma=MOMA, moe_grouped_gemm=True), None),
     (dict(mot=MoTOptions(), moma=MOMA, expert_fp8=HYBRID), HYBRID),
 ], ids=["moma-grouped", "moma-fp8", "mot+moma-grouped", "mot+moma-fp8"])
-def test_local_grouped_gemm_and_fp8_experts_are_grouped_expert_mlps(without_te, kwargs, fp8_options):
+def test_local_grouped_gemm_and_fp8_experts_are_grouped_expert_mlps(without_te, kwargs,
+                                                                    fp8_options):
     experts = experts_of(get_layer_spec(config(**kwargs)))
     assert experts.module is GroupedExpertMLP
     assert experts.params == {"fp8_options": fp8_options}

@@ -75,7 +75,8 @@ def fp8_support_problem(recipe: str, use_te: bool, device_type: str,
     return None
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, dtype: torch.dtype,
+             rowwise: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [..., R, C] -> (q in `dtype`, dequantization scale).
 
     rowwise: scale [..., R, 1], the amax of each row; else [..., 1, 1], of each trailing matrix.
@@ -128,7 +129,8 @@ def grouped_scaled_kernel(a_q, a_scale, b_q, b_scale, counts: Sequence[int],
     )
 
 
-def _grouped_kernel_applies(a_q: torch.Tensor, out_dtype: torch.dtype, counts: Sequence[int]) -> bool:
+def _grouped_kernel_applies(a_q: torch.Tensor, out_dtype: torch.dtype,
+                            counts: Sequence[int]) -> bool:
     return (a_q.is_cuda and hasattr(torch, "_scaled_grouped_mm")
             and torch.cuda.get_device_capability(a_q.device)[0] == 9
             and a_q.dtype == torch.float8_e4m3fn and out_dtype == torch.bfloat16

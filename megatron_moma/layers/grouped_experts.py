@@ -51,7 +51,8 @@ class GroupedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, *weights)
         stacked = torch.stack(weights)  # [E, N, K]
         if options is None:
-            return torch._grouped_mm(x, stacked.transpose(1, 2), offs=_group_offsets(counts, x.device))
+            offsets = _group_offsets(counts, x.device)
+            return torch._grouped_mm(x, stacked.transpose(1, 2), offs=offsets)
         if x.shape[0] == 0:
             return x.new_zeros(0, stacked.shape[1])
         rowwise = options.recipe == "rowwise"
@@ -70,7 +71,8 @@ class GroupedLinear(torch.autograd.Function):
                                                offsets, ctx.options)
         grad_weights = [None] * len(weights)
         if any(ctx.needs_input_grad[3:]):
-            grad_weights = torch._grouped_mm(grad_output.t(), x, offs=offsets).unbind(0)  # [N, K] each
+            # [E, N, K] -> E gradients [N, K]
+            grad_weights = torch._grouped_mm(grad_output.t(), x, offs=offsets).unbind(0)
         return (grad_x, None, None, *grad_weights)
 
     @staticmethod

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pretrain-moma", allow_abbrev=False,
         description="Pretrain a mixed-modal model (dense, MoMa, MoT, MoT+MoMa, with or without MoD)",
     )
-    for add_group in (_parallel, _model, _fp8, _architecture, _training, _data, _checkpointing, _logging):
+    for add_group in (_parallel, _model, _fp8, _architecture, _training, _data, _checkpointing,
+                      _logging):
         add_group(parser)
     return parser
 
