@@ -5,6 +5,7 @@ from typing import Optional
 
 from megatron.core.transformer import TransformerConfig
 
+from megatron_moma.config.fp8 import ExpertFp8Options
 from megatron_moma.config.mod import MoDOptions
 from megatron_moma.config.moma import MoMaOptions
 from megatron_moma.config.mot import MoTOptions
@@ -22,14 +23,20 @@ class ModalityTransformerConfig(TransformerConfig):
     experts (it also makes Megatron's schedules scale the auxiliary-router loss like the main
     loss), and `moe_ffn_hidden_size` defaults to `ffn_hidden_size`. Experts are not tensor-
     parallel: `expert_tensor_parallel_size` defaults to 1 (Megatron's default would be the TP size).
+    `expert_fp8` runs the MoMa expert GEMMs in FP8 without Transformer Engine (with TE, FP8 is
+    megatron-core's `fp8` field and its companions).
     """
 
     modality_layout: ModalityLayout = field(default_factory=ModalityLayout)
     moma: Optional[MoMaOptions] = None
     mot: Optional[MoTOptions] = None
     mod: Optional[MoDOptions] = None
+    expert_fp8: Optional[ExpertFp8Options] = None
 
     def __post_init__(self):
+        if self.expert_fp8 is not None and (self.moma is None or self.fp8):
+            raise ValueError("expert_fp8 (FP8 without Transformer Engine) needs MoMa experts, "
+                             "and excludes fp8 (Transformer Engine's FP8)")
         if self.mot is not None and self.moma is not None and self.mot.norm_placement == "post":
             raise ValueError("MoT with MoMa MLPs supports norm_placement='pre' only")
         if self.mod is not None and self.mod.layers is not None:

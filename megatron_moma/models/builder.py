@@ -7,32 +7,33 @@ option groups the ModalityTransformerConfig holds (`config.architecture` names i
 from typing import Optional
 
 from megatron.core import parallel_state
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_moma.config import ModalityTransformerConfig
 from megatron_moma.models.gpt import ModalityGPTModel
 from megatron_moma.specs import get_mod_layer_spec, get_moma_layer_spec, get_mot_layer_spec
-from megatron_moma.specs.backend import resolve_use_te
+from megatron_moma.specs.backend import resolve_use_te, transformer_layer_spec
 
 
 def get_layer_spec(config: ModalityTransformerConfig, use_te: Optional[bool] = None) -> ModuleSpec:
     """The transformer-layer spec of `config.architecture`: Transformer Engine modules when
-    `use_te` (default: TE imports), local megatron-core modules otherwise."""
+    `use_te` (default: TE imports), local megatron-core modules otherwise. MoMa experts follow
+    `config.moe_grouped_gemm` and `config.expert_fp8` (see `specs.backend.expert_spec`)."""
     use_te = resolve_use_te(use_te)
+    if config.fp8 and not use_te:
+        raise ValueError(
+            f"TransformerConfig.fp8={config.fp8!r} is Transformer Engine's FP8, but the layers are "
+            "built without Transformer Engine; FP8 MoMa experts without it are config.expert_fp8"
+        )
+    experts = dict(moe_grouped_gemm=config.moe_grouped_gemm, expert_fp8=config.expert_fp8)
     if config.mot is not None:
-        spec = get_mot_layer_spec(config.mot, with_moma=config.moma is not None, use_te=use_te)
+        spec = get_mot_layer_spec(config.mot, with_moma=config.moma is not None, use_te=use_te,
+                                  **experts)
     elif config.moma is not None:
         spec = get_moma_layer_spec(config.normalization, config.qk_layernorm, use_te=use_te,
-                                   moe_grouped_gemm=config.moe_grouped_gemm)
-    elif use_te:
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+                                   **experts)
     else:
-        spec = get_gpt_layer_local_spec(normalization=config.normalization,
-                                        qk_layernorm=config.qk_layernorm)
+        spec = transformer_layer_spec(use_te, config.normalization, config.qk_layernorm, moe=False)
     if config.mod is not None:
         spec = get_mod_layer_spec(spec)
     return spec

@@ -2,38 +2,35 @@
 
 from typing import Optional
 
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_moma.config.fp8 import ExpertFp8Options
 from megatron_moma.layers.moma import MoMaMLP, MoMaSubmodules
-from megatron_moma.specs.backend import backend_provider, resolve_use_te
+from megatron_moma.specs.backend import expert_spec, resolve_use_te, transformer_layer_spec
+
+# The local GPT layer stores its norms under the keys of Transformer Engine's fused
+# layernorm-linears; with a MoMa MLP the pre-MLP norm stays a separate module under TE too
+# (TENorm at `pre_mlp_layernorm`), so only the input norm is renamed.
+INPUT_NORM_AS_TE_KEY = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
 
 
-def moma_mlp_spec(use_te: bool = False, moe_grouped_gemm: bool = False) -> ModuleSpec:
-    """A MoMa MLP whose expert groups are megatron-core expert modules: SequentialMLP of local
-    (or Transformer Engine) linears, or TEGroupedMLP with `moe_grouped_gemm` under TE."""
-    expert_module, expert_submodules = backend_provider(use_te).grouped_mlp_modules(
-        moe_grouped_gemm, False
-    )
-    return ModuleSpec(
-        module=MoMaMLP,
-        submodules=MoMaSubmodules(experts=ModuleSpec(module=expert_module,
-                                                     submodules=expert_submodules)),
-    )
+def moma_mlp_spec(use_te: bool = False, moe_grouped_gemm: bool = False,
+                  expert_fp8: Optional[ExpertFp8Options] = None) -> ModuleSpec:
+    """A MoMa MLP whose expert groups are built from `backend.expert_spec`."""
+    return ModuleSpec(module=MoMaMLP,
+                      submodules=MoMaSubmodules(experts=expert_spec(use_te, moe_grouped_gemm,
+                                                                    expert_fp8)))
 
 
 def get_moma_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
-                        use_te: Optional[bool] = None, moe_grouped_gemm: bool = False) -> ModuleSpec:
+                        use_te: Optional[bool] = None, moe_grouped_gemm: bool = False,
+                        expert_fp8: Optional[ExpertFp8Options] = None) -> ModuleSpec:
     """Megatron's GPT layer whose MLP is `MoMaMLP`: the Transformer Engine layer (a separate
-    pre-MLP norm, as for Megatron's MoE layers) when `use_te` (default: TE imports), else local."""
-    if resolve_use_te(use_te):
-        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=2, qk_layernorm=qk_layernorm)
-        use_te = True
-    else:
-        spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
-        use_te = False
-    spec.submodules.mlp = moma_mlp_spec(use_te, moe_grouped_gemm)
+    pre-MLP norm, as for Megatron's MoE layers) when `use_te` (default: TE imports), else local.
+    Local and TE layers save the same checkpoint keys."""
+    use_te = resolve_use_te(use_te)
+    spec = transformer_layer_spec(use_te, normalization, qk_layernorm, moe=True)
+    if not use_te:
+        spec.submodules.sharded_state_dict_keys_map = dict(INPUT_NORM_AS_TE_KEY)
+    spec.submodules.mlp = moma_mlp_spec(use_te, moe_grouped_gemm, expert_fp8)
     return spec

@@ -7,6 +7,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_moma.config.fp8 import ExpertFp8Options
 from megatron_moma.config.mot import MoTOptions
 from megatron_moma.layers.modality_weights import ModalityNorm
 from megatron_moma.layers.mot import MoTMLP, MoTSelfAttention, MoTSelfAttentionSubmodules
@@ -15,14 +16,17 @@ from megatron_moma.specs.moma import moma_mlp_spec
 
 
 def get_mot_layer_spec(options: MoTOptions, with_moma: bool = False,
-                       use_te: Optional[bool] = None) -> ModuleSpec:
+                       use_te: Optional[bool] = None, moe_grouped_gemm: bool = False,
+                       expert_fp8: Optional[ExpertFp8Options] = None) -> ModuleSpec:
     """Megatron TransformerLayer whose attention, MLP and norms are per modality.
 
     Pre-norm puts `ModalityNorm`s in the layer's input and pre-MLP norm slots; post-norm leaves
     those slots empty and lets each sublayer normalise its own output (x + Norm(Sublayer(x))).
-    `with_moma` makes the MLP a MoMa MLP (its expert groups are the per-modality FFNs). With
-    `use_te` (default: Transformer Engine imports) the global core attention is TE's and MoMa's
-    experts use TE linears; the per-modality projections and norms are ours either way.
+    `with_moma` makes the MLP a MoMa MLP (its expert groups are the per-modality FFNs), whose
+    experts follow `moe_grouped_gemm` and `expert_fp8` as in `get_moma_layer_spec`. With `use_te`
+    (default: Transformer Engine imports) the global core attention is TE's and MoMa's experts
+    are TE modules; the per-modality projections and norms are ours either way (so FP8 under TE
+    reaches MoMa's experts only).
     """
     use_te = resolve_use_te(use_te)
     pre_norm = ModalityNorm if options.norm_placement == "pre" else IdentityOp
@@ -38,7 +42,8 @@ def get_mot_layer_spec(options: MoTOptions, with_moma: bool = False,
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_norm,
-            mlp=moma_mlp_spec(use_te) if with_moma else ModuleSpec(module=MoTMLP),
+            mlp=(moma_mlp_spec(use_te, moe_grouped_gemm, expert_fp8) if with_moma
+                 else ModuleSpec(module=MoTMLP)),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -11,6 +11,7 @@ import argparse
 import math
 from typing import List, Optional
 
+from megatron_moma.config.fp8 import FP8_FORMATS, FP8_RECIPES
 from megatron_moma.config.mod import INFERENCE_ROUTINGS as MOD_INFERENCE_ROUTINGS
 from megatron_moma.config.moma import INFERENCE_ROUTINGS as MOMA_INFERENCE_ROUTINGS
 from megatron_moma.config.moma import ROUTINGS as MOMA_ROUTINGS
@@ -70,6 +71,25 @@ def _model(parser):
     group.add_argument("--recompute-num-layers", type=int, default=None)
 
 
+def _fp8(parser):
+    group = parser.add_argument_group(
+        "FP8 (Megatron-LM's Transformer-Engine group)",
+        "With Transformer Engine these are megatron-core's FP8 settings (every TE linear, MoMa's "
+        "experts included); without it FP8 covers the MoMa expert GEMMs, on torch's scaled "
+        "matmuls, with --fp8-recipe tensorwise or rowwise.")
+    group.add_argument("--fp8-format", choices=FP8_FORMATS, default=None,
+                       help="e4m3 everywhere, or hybrid: e4m3 forward, e5m2 gradients")
+    group.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed",
+                       help="Transformer Engine: delayed, tensorwise, mxfp8, blockwise; without "
+                            "it: tensorwise or rowwise (ours: per row and output channel)")
+    group.add_argument("--fp8-margin", type=int, default=0,
+                       help="delayed scaling: scaling margin")
+    group.add_argument("--fp8-amax-history-len", type=int, default=1,
+                       help="delayed scaling: steps of amax history per tensor")
+    group.add_argument("--fp8-amax-compute-algo", choices=("most_recent", "max"),
+                       default="most_recent", help="delayed scaling: amax from the history")
+
+
 def _architecture(parser):
     group = parser.add_argument_group("modality-aware architecture (ours)")
     group.add_argument("--architecture", choices=ARCHITECTURES, default="dense")
@@ -84,6 +104,9 @@ def _architecture(parser):
                        help="evaluation routing: expert_choice (looks ahead) or aux (causal)")
     group.add_argument("--moma-no-aux-router", action="store_true")
     group.add_argument("--moma-aux-loss-coeff", type=float, default=1.0)
+    group.add_argument("--moe-grouped-gemm", action="store_true",
+                       help="Megatron-LM's: MoMa experts as grouped GEMMs (TEGroupedMLP with "
+                            "Transformer Engine, torch's grouped matmul without)")
     group.add_argument("--mot-untie", nargs="+", choices=sorted(UNTIE_CHOICES),
                        default=sorted(UNTIE_CHOICES))
     group.add_argument("--mot-norm-placement", choices=NORM_PLACEMENTS, default="pre")
@@ -166,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pretrain-moma", allow_abbrev=False,
         description="Pretrain a mixed-modal model (dense, MoMa, MoT, MoT+MoMa, with or without MoD)",
     )
-    for add_group in (_parallel, _model, _architecture, _training, _data, _checkpointing, _logging):
+    for add_group in (_parallel, _model, _fp8, _architecture, _training, _data, _checkpointing,
+                      _logging):
         add_group(parser)
     return parser
 
@@ -249,6 +273,7 @@ def validate(args: argparse.Namespace) -> None:
     _validate_split(args.split)
     _validate_pipeline(args)
     _validate_moma(args)
+    _validate_fp8(args)
 
 
 def _validate_split(split: str) -> None:
@@ -286,6 +311,35 @@ def _validate_moma(args: argparse.Namespace) -> None:
         _require(experts % ep == 0,
                  f"--moma-experts-per-modality {args.moma_experts_per_modality}: every group must be "
                  f"divisible by --expert-model-parallel-size {ep}")
+
+
+def _validate_fp8(args: argparse.Namespace) -> None:
+    """FP8 that this machine, this build and this architecture can run, or an error saying why."""
+    if args.fp8_format is None:
+        return
+    import torch
+
+    from megatron_moma.layers.fp8 import fp8_support_problem
+    from megatron_moma.specs import backend
+
+    use_te = backend.transformer_engine_available()
+    capability = (torch.cuda.get_device_capability()
+                  if args.device == "cuda" and torch.cuda.is_available() else None)
+    problem = fp8_support_problem(args.fp8_recipe, use_te, args.device, capability)
+    _require(problem is None, f"--fp8-format {args.fp8_format} --fp8-recipe {args.fp8_recipe}: "
+                              f"{problem}")
+    _require(args.bf16, "--fp8-format needs --bf16 (FP8 GEMMs take and return bf16)")
+    if use_te:
+        _require(args.architecture != "mot",
+                 "--fp8-format with --architecture mot would change nothing: MoT's per-modality "
+                 "projections are not Transformer Engine linears (use mot+moma for FP8 experts)")
+    else:
+        _require("moma" in args.architecture,
+                 f"--fp8-format without Transformer Engine covers MoMa expert GEMMs only; "
+                 f"--architecture {args.architecture} has none")
+    _require(args.hidden_size % 16 == 0 and args.ffn_hidden_size % 16 == 0,
+             f"--fp8-format needs --hidden-size ({args.hidden_size}) and --ffn-hidden-size "
+             f"({args.ffn_hidden_size}) divisible by 16")
 
 
 def virtual_pipeline_size(args: argparse.Namespace) -> Optional[int]:

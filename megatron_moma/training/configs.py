@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from megatron.core.datasets.utils import get_blend_from_list
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_moma.config import ModalityTransformerConfig, MoDOptions, MoMaOptions, MoTOptions
+from megatron_moma.config import (
+    ExpertFp8Options,
+    ModalityTransformerConfig,
+    MoDOptions,
+    MoMaOptions,
+    MoTOptions,
+)
 from megatron_moma.data.vocabulary import (
     MODALITY_NAMES,
     VocabularyLayout,
@@ -19,6 +25,7 @@ from megatron_moma.data.vocabulary import (
 from megatron_moma.modality import ModalityLayout
 from megatron_moma.modality.layout import Modality
 from megatron_moma.parallel.layout import ParallelLayout
+from megatron_moma.specs import backend
 from megatron_moma.training.arguments import ArgumentError, virtual_pipeline_size
 
 
@@ -94,6 +101,18 @@ def _option_groups(args: argparse.Namespace) -> Dict[str, Optional[object]]:
     return dict(moma=moma, mot=mot, mod=mod)
 
 
+def fp8_fields(args: argparse.Namespace) -> Dict[str, object]:
+    """The FP8 flags as config fields: megatron-core's `fp8*` fields (Megatron-LM's mapping) when
+    Transformer Engine imports, else our `expert_fp8` (MoMa expert GEMMs on torch's FP8 ops)."""
+    if args.fp8_format is None:
+        return {}
+    if backend.transformer_engine_available():
+        return dict(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_margin=args.fp8_margin,
+                    fp8_amax_history_len=args.fp8_amax_history_len,
+                    fp8_amax_compute_algo=args.fp8_amax_compute_algo)
+    return dict(expert_fp8=ExpertFp8Options(format=args.fp8_format, recipe=args.fp8_recipe))
+
+
 def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> ModalityTransformerConfig:
     """The model's config; ValueErrors from the option groups become ArgumentErrors."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -125,6 +144,8 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
             # gloo pairs batched sends by posting order (CPU_NOTES.md): one at a time on CPU.
             batch_p2p_comm=args.device != "cpu",
             modality_layout=layout,
+            moe_grouped_gemm=args.moe_grouped_gemm,
+            **fp8_fields(args),
             **_option_groups(args),
         )
     except ValueError as error:
