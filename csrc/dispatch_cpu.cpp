@@ -18,8 +18,7 @@ namespace {
 int64_t grain_rows(int64_t hidden) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, hidden)); }
 
 void check_index(const at::Tensor& index, int64_t limit, const char* what) {
-  TORCH_CHECK(index.scalar_type() == at::kLong, what, " must be int64");
-  TORCH_CHECK(index.dim() == 1, what, " must be 1-D");
+  check_index_tensor(index, what);
   if (index.numel() == 0) return;
   const auto bounds = at::aminmax(index);
   TORCH_CHECK(std::get<0>(bounds).item<int64_t>() >= 0 && std::get<1>(bounds).item<int64_t>() < limit,
@@ -27,7 +26,7 @@ void check_index(const at::Tensor& index, int64_t limit, const char* what) {
 }
 
 at::Tensor rows_2d(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.dim() == 2, what, " must be [rows, hidden]");
+  check_rows_tensor(t, what);
   return t.contiguous();
 }
 
@@ -126,8 +125,7 @@ void combine_backward_kernel(const scalar_t* grad_out, const int64_t* index,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bucket_cpu(
     const at::Tensor& token_of_row_in, const at::Tensor& bucket_of_row_in, int64_t num_tokens,
     int64_t num_buckets) {
-  TORCH_CHECK(token_of_row_in.numel() == bucket_of_row_in.numel(),
-              "token_of_row and bucket_of_row must have the same length");
+  check_bucket_args(token_of_row_in, bucket_of_row_in, num_tokens, num_buckets);
   check_index(token_of_row_in, num_tokens, "token_of_row");
   check_index(bucket_of_row_in, num_buckets, "bucket_of_row");
   const auto token_of_row = token_of_row_in.contiguous();
@@ -188,10 +186,8 @@ at::Tensor gather_rows_cpu(const at::Tensor& src_in, const at::Tensor& index_in,
 at::Tensor segment_sum_rows_cpu(const at::Tensor& src_in, const at::Tensor& offsets_in,
                                 const at::Tensor& members_in,
                                 const std::optional<at::Tensor>& scale_in) {
-  const auto src = rows_2d(src_in, "src");
-  TORCH_CHECK(offsets_in.dim() == 1 && offsets_in.numel() >= 1 && offsets_in.scalar_type() == at::kLong,
-              "offsets must be int64 [num_out + 1]");
-  TORCH_CHECK(members_in.numel() == src.size(0), "members must have one entry per source row");
+  check_segment_sum_args(src_in, offsets_in, members_in);
+  const auto src = src_in.contiguous();
   check_index(members_in, src.size(0), "members");
   const auto offsets = offsets_in.contiguous();
   const auto members = members_in.contiguous();
@@ -214,12 +210,10 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_o
                                                         const at::Tensor& index_in,
                                                         const at::Tensor& scale_in,
                                                         const at::Tensor& rows_in) {
-  const auto grad_out = rows_2d(grad_out_in, "grad_out");
-  const auto rows = rows_2d(rows_in, "rows");
-  TORCH_CHECK(rows.scalar_type() == grad_out.scalar_type() && rows.size(1) == grad_out.size(1),
-              "rows and grad_out must share dtype and hidden size");
-  check_index(index_in, grad_out.size(0), "index");
-  TORCH_CHECK(index_in.numel() == rows.size(0), "index must have one entry per row");
+  check_combine_backward_args(grad_out_in, index_in, rows_in);
+  check_index(index_in, grad_out_in.size(0), "index");
+  const auto grad_out = grad_out_in.contiguous();
+  const auto rows = rows_in.contiguous();
   const auto index = index_in.contiguous();
   const int64_t num_rows = rows.size(0), hidden = rows.size(1);
   const auto acc = at::toOpMathType(rows.scalar_type());
