@@ -56,6 +56,8 @@ void gather_rows_kernel(const scalar_t* src, const int64_t* index,
   });
 }
 
+// One pass per member row: the first member is written (scaled) into the accumulator, the
+// others are added to it; a segment without members is zero-filled.
 template <typename scalar_t>
 void segment_sum_rows_kernel(const scalar_t* src, const int64_t* offsets, const int64_t* members,
                              const at::opmath_type<scalar_t>* scale, scalar_t* out,
@@ -65,16 +67,24 @@ void segment_sum_rows_kernel(const scalar_t* src, const int64_t* offsets, const 
   at::parallel_for(0, num_out, grain_rows(hidden), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(kAccumulateInPlace ? 0 : hidden);
     for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = offsets[t], last = offsets[t + 1];
+      if (first == last) {
+        std::memset(out + t * hidden, 0, hidden * sizeof(scalar_t));
+        continue;
+      }
       acc_t* __restrict__ acc =
           kAccumulateInPlace ? reinterpret_cast<acc_t*>(out + t * hidden) : buffer.data();
-      std::fill(acc, acc + hidden, acc_t(0));
-      for (int64_t j = offsets[t]; j < offsets[t + 1]; ++j) {
+      for (int64_t j = first; j < last; ++j) {
         const int64_t p = members[j];
         const scalar_t* __restrict__ in = src + p * hidden;
-        if (scale == nullptr) {
+        const acc_t s = scale == nullptr ? acc_t(1) : scale[p];
+        if (j == first && scale == nullptr) {
+          for (int64_t k = 0; k < hidden; ++k) acc[k] = static_cast<acc_t>(in[k]);
+        } else if (j == first) {
+          for (int64_t k = 0; k < hidden; ++k) acc[k] = static_cast<acc_t>(in[k]) * s;
+        } else if (scale == nullptr) {
           for (int64_t k = 0; k < hidden; ++k) acc[k] += static_cast<acc_t>(in[k]);
         } else {
-          const acc_t s = scale[p];
           for (int64_t k = 0; k < hidden; ++k) acc[k] += static_cast<acc_t>(in[k]) * s;
         }
       }
