@@ -79,14 +79,20 @@ def run_rank(rank, expert_weights, ep_group=None, expert_tp_group=None):
             [e.weight.grad for e in experts])
 
 
-def _expert_parallel_rank(expert_weights, ep_size, tp_size):
-    """Ranks laid out as megatron-core lays out expert ranks: expert-TP fastest, so rank
-    ep_rank * tp_size + tp_rank; every rank is a source of SOURCE_RANKS / world rows in turn."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+def expert_groups(ep_size, tp_size):
+    """(EP group, expert-TP group) of this rank, ranks laid out as megatron-core lays out expert
+    ranks: expert-TP fastest, so rank = ep_rank * tp_size + tp_rank; None for a size of 1."""
+    rank = dist.get_rank()
     ep_groups = [dist.new_group([e * tp_size + t for e in range(ep_size)]) for t in range(tp_size)]
     tp_groups = [dist.new_group([e * tp_size + t for t in range(tp_size)]) for e in range(ep_size)]
-    ep_group = ep_groups[rank % tp_size] if ep_size > 1 else None
-    tp_group = tp_groups[rank // tp_size] if tp_size > 1 else None
+    return (ep_groups[rank % tp_size] if ep_size > 1 else None,
+            tp_groups[rank // tp_size] if tp_size > 1 else None)
+
+
+def _expert_parallel_rank(expert_weights, ep_size, tp_size):
+    """Every rank is a source of SOURCE_RANKS / world rows in turn."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ep_group, tp_group = expert_groups(ep_size, tp_size)
     return [run_rank(rank + world * step, expert_weights, ep_group, tp_group)
             for step in range(SOURCE_RANKS // world)]
 
@@ -117,3 +123,26 @@ def test_expert_parallel_equals_one_process(ep_size, tp_size):
             for e in range(ep_size)
         ])
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _no_rows_anywhere(expert_weights):
+    ep_group, tp_group = expert_groups(2, 2)
+    inputs = slice(tp_group.rank() * HIDDEN // 2, (tp_group.rank() + 1) * HIDDEN // 2)
+    experts = [LinearExperts(w.chunk(2)[ep_group.rank()][:, inputs], inputs) for w in expert_weights]
+    tokens = torch.randn(5, HIDDEN, requires_grad=True)
+    nothing = ExpertSelection(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                              torch.zeros(0))
+    output = run_expert_groups(tokens, [nothing, nothing], experts, NUM_EXPERTS, ep_group, tp_group)
+    output.sum().backward()
+    return output.detach(), tokens.grad, [e.weight.grad for e in experts]
+
+
+def test_no_rows_on_any_rank_gives_zeros_and_keeps_the_experts_in_the_graph():
+    """No selected row anywhere (a modality absent from every micro-batch): the collectives still
+    match up, the output is 0 and every expert weight gets a (zero) gradient, so DDP's buckets
+    complete."""
+    for output, token_grad, expert_grads in run_on_ranks(_no_rows_anywhere, 4,
+                                                         global_expert_weights(), timeout=120):
+        assert torch.equal(output, torch.zeros(5, HIDDEN))
+        assert torch.equal(token_grad, torch.zeros(5, HIDDEN))
+        assert all(g is not None and not g.any() for g in expert_grads)
