@@ -12,9 +12,8 @@ bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
   TORCH_CHECK(false, op, ": this build of megatron_moma._csrc has no CUDA kernels");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bucket(
-    const at::Tensor& token_of_row, const at::Tensor& bucket_of_row, int64_t num_tokens,
-    int64_t num_buckets) {
+BucketOutputs bucket(const at::Tensor& token_of_row, const at::Tensor& bucket_of_row,
+                     int64_t num_tokens, int64_t num_buckets) {
   if (!on_cuda(token_of_row)) return bucket_cpu(token_of_row, bucket_of_row, num_tokens, num_buckets);
 #ifdef WITH_CUDA
   return bucket_cuda(token_of_row, bucket_of_row, num_tokens, num_buckets);

@@ -51,6 +51,28 @@ inline void check_combine_backward_args(const at::Tensor& grad_out, const at::Te
   TORCH_CHECK(index.numel() == rows.size(0), "index must have one entry per row");
 }
 
+// ---- The bucket op's outputs (see bucket_cpu), allocated on the indices' device; counts and
+// token_offsets zero-filled, the rest left for the kernels to write.
+using BucketOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct BucketLayout {
+  at::Tensor source_token, order, position, counts, token_offsets, positions_by_token;
+
+  BucketLayout(int64_t rows, int64_t num_tokens, int64_t num_buckets,
+               const at::TensorOptions& options)
+      : source_token(at::empty({rows}, options)),
+        order(at::empty({rows}, options)),
+        position(at::empty({rows}, options)),
+        counts(at::zeros({num_buckets}, options)),
+        token_offsets(at::zeros({num_tokens + 1}, options)),
+        positions_by_token(at::empty({rows}, options)) {}
+
+  BucketOutputs outputs() const {
+    return {source_token, order, position, counts, token_offsets, positions_by_token};
+  }
+};
+
 // ---- The ops.
 
 // Stable counting sort of rows by bucket, and the same layout indexed by token.
@@ -61,7 +83,7 @@ inline void check_combine_backward_args(const at::Tensor& grad_out, const at::Te
 //   counts [B]: rows per bucket,
 //   token_offsets [N+1], positions_by_token [R]: for token t, the positions holding it are
 //     positions_by_token[token_offsets[t] : token_offsets[t+1]], increasing.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bucket_cpu(
+BucketOutputs bucket_cpu(
     const at::Tensor& token_of_row, const at::Tensor& bucket_of_row, int64_t num_tokens,
     int64_t num_buckets);
 
@@ -82,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_o
                                                         const at::Tensor& rows);
 
 #ifdef WITH_CUDA
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bucket_cuda(
+BucketOutputs bucket_cuda(
     const at::Tensor& token_of_row, const at::Tensor& bucket_of_row, int64_t num_tokens,
     int64_t num_buckets);
 at::Tensor gather_rows_cuda(const at::Tensor& src, const at::Tensor& index,

@@ -132,27 +132,20 @@ void combine_backward_kernel(const scalar_t* grad_out, const int64_t* index,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bucket_cpu(
-    const at::Tensor& token_of_row_in, const at::Tensor& bucket_of_row_in, int64_t num_tokens,
-    int64_t num_buckets) {
+BucketOutputs bucket_cpu(const at::Tensor& token_of_row_in, const at::Tensor& bucket_of_row_in,
+                         int64_t num_tokens, int64_t num_buckets) {
   check_bucket_args(token_of_row_in, bucket_of_row_in, num_tokens, num_buckets);
   check_index(token_of_row_in, num_tokens, "token_of_row");
   check_index(bucket_of_row_in, num_buckets, "bucket_of_row");
   const auto token_of_row = token_of_row_in.contiguous();
   const auto bucket_of_row = bucket_of_row_in.contiguous();
   const int64_t rows = token_of_row.numel();
-  const auto long_options = token_of_row.options();
-  auto source_token = at::empty({rows}, long_options);
-  auto order = at::empty({rows}, long_options);
-  auto position = at::empty({rows}, long_options);
-  auto counts = at::zeros({num_buckets}, long_options);
-  auto token_offsets = at::zeros({num_tokens + 1}, long_options);
-  auto positions_by_token = at::empty({rows}, long_options);
+  const BucketLayout layout(rows, num_tokens, num_buckets, token_of_row.options());
 
   const int64_t* token = token_of_row.data_ptr<int64_t>();
   const int64_t* bucket = bucket_of_row.data_ptr<int64_t>();
-  int64_t* count = counts.data_ptr<int64_t>();
-  int64_t* offset = token_offsets.data_ptr<int64_t>();
+  int64_t* count = layout.counts.data_ptr<int64_t>();
+  int64_t* offset = layout.token_offsets.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
     ++count[bucket[i]];
     ++offset[token[i] + 1];
@@ -161,9 +154,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t b = 1; b < num_buckets; ++b) next_in_bucket[b] = next_in_bucket[b - 1] + count[b - 1];
   for (int64_t t = 0; t < num_tokens; ++t) offset[t + 1] += offset[t];
 
-  int64_t* src_token = source_token.data_ptr<int64_t>();
-  int64_t* ord = order.data_ptr<int64_t>();
-  int64_t* pos = position.data_ptr<int64_t>();
+  int64_t* src_token = layout.source_token.data_ptr<int64_t>();
+  int64_t* ord = layout.order.data_ptr<int64_t>();
+  int64_t* pos = layout.position.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t p = next_in_bucket[bucket[i]]++;
     ord[p] = i;
@@ -171,9 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     src_token[p] = token[i];
   }
   std::vector<int64_t> next_of_token(offset, offset + num_tokens);
-  int64_t* by_token = positions_by_token.data_ptr<int64_t>();
+  int64_t* by_token = layout.positions_by_token.data_ptr<int64_t>();
   for (int64_t p = 0; p < rows; ++p) by_token[next_of_token[src_token[p]]++] = p;
-  return {source_token, order, position, counts, token_offsets, positions_by_token};
+  return layout.outputs();
 }
 
 at::Tensor gather_rows_cpu(const at::Tensor& src_in, const at::Tensor& index_in,

@@ -40,30 +40,25 @@ void check(cudaError_t status) { TORCH_CHECK(status == cudaSuccess, cudaGetError
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bucket_cuda(
-    const at::Tensor& token_of_row_in, const at::Tensor& bucket_of_row_in, int64_t num_tokens,
-    int64_t num_buckets) {
+BucketOutputs bucket_cuda(const at::Tensor& token_of_row_in, const at::Tensor& bucket_of_row_in,
+                          int64_t num_tokens, int64_t num_buckets) {
   check_bucket_args(token_of_row_in, bucket_of_row_in, num_tokens, num_buckets);
   const auto token_of_row = on_device_of(token_of_row_in, token_of_row_in, "token_of_row");
   const auto bucket_of_row = on_device_of(bucket_of_row_in, token_of_row, "bucket_of_row");
   const c10::cuda::CUDAGuard guard(token_of_row.device());
   const int64_t rows = token_of_row.numel();
   const auto options = token_of_row.options();
-  auto source_token = at::empty({rows}, options);
-  auto order = at::empty({rows}, options);
-  auto position = at::empty({rows}, options);
-  auto counts = at::zeros({num_buckets}, options);
-  auto token_offsets = at::zeros({num_tokens + 1}, options);
-  auto positions_by_token = at::empty({rows}, options);
+  const BucketLayout layout(rows, num_tokens, num_buckets, options);
   auto tile_starts = at::zeros({num_buckets * bucket_tiles(rows)}, options);
   auto token_fill = at::zeros({num_tokens}, options);
   check(launch_bucket(token_of_row.data_ptr<int64_t>(), bucket_of_row.data_ptr<int64_t>(), rows,
                       num_tokens, num_buckets, tile_starts.data_ptr<int64_t>(),
-                      token_fill.data_ptr<int64_t>(), source_token.data_ptr<int64_t>(),
-                      order.data_ptr<int64_t>(), position.data_ptr<int64_t>(),
-                      counts.data_ptr<int64_t>(), token_offsets.data_ptr<int64_t>(),
-                      positions_by_token.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
-  return {source_token, order, position, counts, token_offsets, positions_by_token};
+                      token_fill.data_ptr<int64_t>(), layout.source_token.data_ptr<int64_t>(),
+                      layout.order.data_ptr<int64_t>(), layout.position.data_ptr<int64_t>(),
+                      layout.counts.data_ptr<int64_t>(), layout.token_offsets.data_ptr<int64_t>(),
+                      layout.positions_by_token.data_ptr<int64_t>(),
+                      c10::cuda::getCurrentCUDAStream()));
+  return layout.outputs();
 }
 
 at::Tensor gather_rows_cuda(const at::Tensor& src_in, const at::Tensor& index_in,
