@@ -4,13 +4,16 @@
   mcore     megatron-core's unfused moe_utils.permute / unpermute with probs (routing map in);
   copy      a plain tensor copy, for the bandwidth ratio.
 Expert-choice routing with 8 experts at capacity factor 1 (a token can be taken by several
-experts, or by none). Prints ratios (never asserts a time) and writes JSON.
+experts, or by none). The four are timed in turn, round after round, so a change in the load of
+a shared machine falls on all of them alike; the medians are compared. Prints ratios (never
+asserts a time) and the machine's load average, and writes JSON.
 
     PYTHONPATH=. python benchmarks/bench_dispatch.py [--device cuda] [--json out.json]
 """
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -49,18 +52,32 @@ def run_mcore(tokens, routing_map, probs, grad_out):
     out.backward(grad_out)
 
 
-def median_seconds(fn, device, repeats, warmup=2):
-    times = []
+def median_seconds(steps, device, repeats, warmup=2):
+    """{name: step} -> {name: median seconds}, each step timed once per round, in turn."""
+    times = {name: [] for name in steps}
     for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def on_the_fallback(step):
+    """The step with megatron_moma.ops on its pure-torch fallback."""
+    def run():
+        extension = kernels.extension
+        kernels.extension = None
+        try:
+            step()
+        finally:
+            kernels.extension = extension
+    return run
 
 
 def bench_shape(num_tokens, hidden, dtype, device, repeats):
@@ -71,21 +88,12 @@ def bench_shape(num_tokens, hidden, dtype, device, repeats):
     grad_out = torch.randn(num_tokens, hidden, generator=generator).to(device=device, dtype=dtype)
     probs = probs.to(dtype)
 
-    def timed(run):
-        def step():
+    def step(run):
+        def timed_step():
             tokens = x.detach().requires_grad_(True)
             weights = probs.detach().requires_grad_(True)
             run(tokens, routing_map, weights, grad_out)
-        return median_seconds(step, device, repeats)
-
-    ours = timed(run_ours)
-    extension = kernels.extension
-    kernels.extension = None
-    try:
-        fallback = timed(run_ours)
-    finally:
-        kernels.extension = extension
-    mcore = timed(run_mcore)
+        return timed_step
 
     # Rows moved by permute + combine, forward and backward: permute reads and writes R rows;
     # combine reads R, writes N; its backward reads R gathered + R and writes R; permute's
@@ -93,15 +101,20 @@ def bench_shape(num_tokens, hidden, dtype, device, repeats):
     bytes_moved = (7 * rows + 2 * num_tokens) * hidden * x.element_size()
     source = torch.empty(bytes_moved // 2 // x.element_size(), dtype=dtype, device=device)
     target = torch.empty_like(source)
-    copy = median_seconds(lambda: target.copy_(source), device, repeats)
-    copy_bandwidth = 2 * source.numel() * source.element_size() / copy
-    ours_bandwidth = bytes_moved / ours
+    seconds = median_seconds({
+        "ours": step(run_ours),
+        "fallback": on_the_fallback(step(run_ours)),
+        "mcore_unfused": step(run_mcore),
+        "copy": lambda: target.copy_(source),
+    }, device, repeats)
+    copy_bandwidth = 2 * source.numel() * source.element_size() / seconds["copy"]
+    ours_bandwidth = bytes_moved / seconds["ours"]
     return {
         "tokens": num_tokens, "hidden": hidden, "rows": rows, "dtype": str(dtype).split(".")[-1],
         "device": device.type, "backend": kernels.backend_for(x),
-        "seconds": {"ours": ours, "fallback": fallback, "mcore_unfused": mcore, "copy": copy},
-        "speedup_vs_fallback": fallback / ours,
-        "speedup_vs_mcore_unfused": mcore / ours,
+        "seconds": seconds,
+        "speedup_vs_fallback": seconds["fallback"] / seconds["ours"],
+        "speedup_vs_mcore_unfused": seconds["mcore_unfused"] / seconds["ours"],
         "bytes_moved": bytes_moved,
         "ours_bytes_per_s": ours_bandwidth,
         "copy_bytes_per_s": copy_bandwidth,
@@ -116,7 +129,7 @@ def main():
                         "CPU, bf16 on a GPU)")
     parser.add_argument("--shapes", default="4096x1024,16384x1024,32768x1024,4096x4096",
                         help="comma-separated TOKENSxHIDDEN")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", default="bench_dispatch.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -125,8 +138,10 @@ def main():
     results = []
     header = (f"{'tokens':>7} {'hidden':>6} {'rows':>7} {'ours ms':>9} {'fallback':>9} "
               f"{'mcore':>9} {'vs fallback':>11} {'vs mcore':>9} {'of copy bw':>10}")
+    load_before = os.getloadavg()
     print(f"backend: {kernels.backend_for(torch.zeros(1, dtype=dtype, device=device))}, "
-          f"dtype {dtype}, device {device}, threads {torch.get_num_threads()}")
+          f"dtype {dtype}, device {device}, threads {torch.get_num_threads()}, "
+          f"load average {load_before[0]:.2f} on {os.cpu_count()} CPUs")
     print(header)
     for shape in args.shapes.split(","):
         num_tokens, hidden = (int(v) for v in shape.split("x"))
@@ -137,8 +152,13 @@ def main():
               f"{s['fallback'] * 1e3:>9.2f} {s['mcore_unfused'] * 1e3:>9.2f} "
               f"{r['speedup_vs_fallback']:>10.2f}x {r['speedup_vs_mcore_unfused']:>8.2f}x "
               f"{r['fraction_of_copy_bandwidth']:>9.0%}")
+    load_after = os.getloadavg()
+    print(f"load average at the end {load_after[0]:.2f}")
     with open(args.json, "w", encoding="utf-8") as f:
-        json.dump({"torch": torch.__version__, "results": results}, f, indent=2)
+        json.dump({"torch": torch.__version__, "cpus": os.cpu_count(),
+                   "threads": torch.get_num_threads(),
+                   "load_average_1min": {"start": load_before[0], "end": load_after[0]},
+                   "results": results}, f, indent=2)
     print(f"wrote {args.json}")
 
 

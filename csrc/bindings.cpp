@@ -12,6 +12,16 @@ bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
   TORCH_CHECK(false, op, ": this build of megatron_moma._csrc has no CUDA kernels");
 }
 
+BucketOutputs bucket(const at::Tensor& token_of_row, const at::Tensor& bucket_of_row,
+                     int64_t num_tokens, int64_t num_buckets) {
+  if (!on_cuda(token_of_row)) return bucket_cpu(token_of_row, bucket_of_row, num_tokens, num_buckets);
+#ifdef WITH_CUDA
+  return bucket_cuda(token_of_row, bucket_of_row, num_tokens, num_buckets);
+#else
+  no_cuda("bucket");
+#endif
+}
+
 at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index,
                        const std::optional<at::Tensor>& scale) {
   if (!on_cuda(src)) return gather_rows_cpu(src, index, scale);
@@ -54,7 +64,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("bucket", &megatron_moma::bucket_cpu, "Stable counting sort of rows by bucket (CPU)",
+  m.def("bucket", &megatron_moma::bucket, "Stable counting sort of rows by bucket",
         py::arg("token_of_row"), py::arg("bucket_of_row"), py::arg("num_tokens"),
         py::arg("num_buckets"));
   m.def("gather_rows", &megatron_moma::gather_rows, "out[p] = scale[p] * src[index[p]]",

@@ -18,8 +18,7 @@ namespace {
 int64_t grain_rows(int64_t hidden) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, hidden)); }
 
 void check_index(const at::Tensor& index, int64_t limit, const char* what) {
-  TORCH_CHECK(index.scalar_type() == at::kLong, what, " must be int64");
-  TORCH_CHECK(index.dim() == 1, what, " must be 1-D");
+  check_index_tensor(index, what);
   if (index.numel() == 0) return;
   const auto bounds = at::aminmax(index);
   TORCH_CHECK(std::get<0>(bounds).item<int64_t>() >= 0 && std::get<1>(bounds).item<int64_t>() < limit,
@@ -27,7 +26,7 @@ void check_index(const at::Tensor& index, int64_t limit, const char* what) {
 }
 
 at::Tensor rows_2d(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.dim() == 2, what, " must be [rows, hidden]");
+  check_rows_tensor(t, what);
   return t.contiguous();
 }
 
@@ -57,6 +56,8 @@ void gather_rows_kernel(const scalar_t* src, const int64_t* index,
   });
 }
 
+// One pass per member row: the first member is written (scaled) into the accumulator, the
+// others are added to it; a segment without members is zero-filled.
 template <typename scalar_t>
 void segment_sum_rows_kernel(const scalar_t* src, const int64_t* offsets, const int64_t* members,
                              const at::opmath_type<scalar_t>* scale, scalar_t* out,
@@ -66,16 +67,24 @@ void segment_sum_rows_kernel(const scalar_t* src, const int64_t* offsets, const 
   at::parallel_for(0, num_out, grain_rows(hidden), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(kAccumulateInPlace ? 0 : hidden);
     for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = offsets[t], last = offsets[t + 1];
+      if (first == last) {
+        std::memset(out + t * hidden, 0, hidden * sizeof(scalar_t));
+        continue;
+      }
       acc_t* __restrict__ acc =
           kAccumulateInPlace ? reinterpret_cast<acc_t*>(out + t * hidden) : buffer.data();
-      std::fill(acc, acc + hidden, acc_t(0));
-      for (int64_t j = offsets[t]; j < offsets[t + 1]; ++j) {
+      for (int64_t j = first; j < last; ++j) {
         const int64_t p = members[j];
         const scalar_t* __restrict__ in = src + p * hidden;
-        if (scale == nullptr) {
+        const acc_t s = scale == nullptr ? acc_t(1) : scale[p];
+        if (j == first && scale == nullptr) {
+          for (int64_t k = 0; k < hidden; ++k) acc[k] = static_cast<acc_t>(in[k]);
+        } else if (j == first) {
+          for (int64_t k = 0; k < hidden; ++k) acc[k] = static_cast<acc_t>(in[k]) * s;
+        } else if (scale == nullptr) {
           for (int64_t k = 0; k < hidden; ++k) acc[k] += static_cast<acc_t>(in[k]);
         } else {
-          const acc_t s = scale[p];
           for (int64_t k = 0; k < hidden; ++k) acc[k] += static_cast<acc_t>(in[k]) * s;
         }
       }
@@ -123,28 +132,20 @@ void combine_backward_kernel(const scalar_t* grad_out, const int64_t* index,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bucket_cpu(
-    const at::Tensor& token_of_row_in, const at::Tensor& bucket_of_row_in, int64_t num_tokens,
-    int64_t num_buckets) {
-  TORCH_CHECK(token_of_row_in.numel() == bucket_of_row_in.numel(),
-              "token_of_row and bucket_of_row must have the same length");
+BucketOutputs bucket_cpu(const at::Tensor& token_of_row_in, const at::Tensor& bucket_of_row_in,
+                         int64_t num_tokens, int64_t num_buckets) {
+  check_bucket_args(token_of_row_in, bucket_of_row_in, num_tokens, num_buckets);
   check_index(token_of_row_in, num_tokens, "token_of_row");
   check_index(bucket_of_row_in, num_buckets, "bucket_of_row");
   const auto token_of_row = token_of_row_in.contiguous();
   const auto bucket_of_row = bucket_of_row_in.contiguous();
   const int64_t rows = token_of_row.numel();
-  const auto long_options = token_of_row.options();
-  auto source_token = at::empty({rows}, long_options);
-  auto order = at::empty({rows}, long_options);
-  auto position = at::empty({rows}, long_options);
-  auto counts = at::zeros({num_buckets}, long_options);
-  auto token_offsets = at::zeros({num_tokens + 1}, long_options);
-  auto positions_by_token = at::empty({rows}, long_options);
+  const BucketLayout layout(rows, num_tokens, num_buckets, token_of_row.options());
 
   const int64_t* token = token_of_row.data_ptr<int64_t>();
   const int64_t* bucket = bucket_of_row.data_ptr<int64_t>();
-  int64_t* count = counts.data_ptr<int64_t>();
-  int64_t* offset = token_offsets.data_ptr<int64_t>();
+  int64_t* count = layout.counts.data_ptr<int64_t>();
+  int64_t* offset = layout.token_offsets.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
     ++count[bucket[i]];
     ++offset[token[i] + 1];
@@ -153,9 +154,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t b = 1; b < num_buckets; ++b) next_in_bucket[b] = next_in_bucket[b - 1] + count[b - 1];
   for (int64_t t = 0; t < num_tokens; ++t) offset[t + 1] += offset[t];
 
-  int64_t* src_token = source_token.data_ptr<int64_t>();
-  int64_t* ord = order.data_ptr<int64_t>();
-  int64_t* pos = position.data_ptr<int64_t>();
+  int64_t* src_token = layout.source_token.data_ptr<int64_t>();
+  int64_t* ord = layout.order.data_ptr<int64_t>();
+  int64_t* pos = layout.position.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t p = next_in_bucket[bucket[i]]++;
     ord[p] = i;
@@ -163,9 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     src_token[p] = token[i];
   }
   std::vector<int64_t> next_of_token(offset, offset + num_tokens);
-  int64_t* by_token = positions_by_token.data_ptr<int64_t>();
+  int64_t* by_token = layout.positions_by_token.data_ptr<int64_t>();
   for (int64_t p = 0; p < rows; ++p) by_token[next_of_token[src_token[p]]++] = p;
-  return {source_token, order, position, counts, token_offsets, positions_by_token};
+  return layout.outputs();
 }
 
 at::Tensor gather_rows_cpu(const at::Tensor& src_in, const at::Tensor& index_in,
@@ -188,10 +189,8 @@ at::Tensor gather_rows_cpu(const at::Tensor& src_in, const at::Tensor& index_in,
 at::Tensor segment_sum_rows_cpu(const at::Tensor& src_in, const at::Tensor& offsets_in,
                                 const at::Tensor& members_in,
                                 const std::optional<at::Tensor>& scale_in) {
-  const auto src = rows_2d(src_in, "src");
-  TORCH_CHECK(offsets_in.dim() == 1 && offsets_in.numel() >= 1 && offsets_in.scalar_type() == at::kLong,
-              "offsets must be int64 [num_out + 1]");
-  TORCH_CHECK(members_in.numel() == src.size(0), "members must have one entry per source row");
+  check_segment_sum_args(src_in, offsets_in, members_in);
+  const auto src = src_in.contiguous();
   check_index(members_in, src.size(0), "members");
   const auto offsets = offsets_in.contiguous();
   const auto members = members_in.contiguous();
@@ -214,12 +213,10 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_o
                                                         const at::Tensor& index_in,
                                                         const at::Tensor& scale_in,
                                                         const at::Tensor& rows_in) {
-  const auto grad_out = rows_2d(grad_out_in, "grad_out");
-  const auto rows = rows_2d(rows_in, "rows");
-  TORCH_CHECK(rows.scalar_type() == grad_out.scalar_type() && rows.size(1) == grad_out.size(1),
-              "rows and grad_out must share dtype and hidden size");
-  check_index(index_in, grad_out.size(0), "index");
-  TORCH_CHECK(index_in.numel() == rows.size(0), "index must have one entry per row");
+  check_combine_backward_args(grad_out_in, index_in, rows_in);
+  check_index(index_in, grad_out_in.size(0), "index");
+  const auto grad_out = grad_out_in.contiguous();
+  const auto rows = rows_in.contiguous();
   const auto index = index_in.contiguous();
   const int64_t num_rows = rows.size(0), hidden = rows.size(1);
   const auto acc = at::toOpMathType(rows.scalar_type());

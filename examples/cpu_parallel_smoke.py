@@ -60,8 +60,6 @@ def main():
     moma = None
     if "moma" in args.architecture:
         moma = MoMaOptions(experts_per_modality=tuple(args.moma_experts_per_modality))
-        if args.expert_tensor_parallel_size is None:
-            args.expert_tensor_parallel_size = 1  # MoMa experts are never tensor-parallel
     layout = ParallelLayout(
         tensor_parallel_size=args.tensor_model_parallel_size,
         sequence_parallel=args.sequence_parallel,

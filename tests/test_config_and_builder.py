@@ -28,8 +28,6 @@ def config(**kwargs):
          "group 'text' has 1 experts, not divisible by expert_model_parallel_size 2"),
         (dict(moma=MoMaOptions(experts_per_modality=(2, 2), routing="token_choice"),
               tensor_model_parallel_size=2), "needs sequence_parallel=True"),
-        (dict(moma=MoMaOptions(), expert_tensor_parallel_size=2, tensor_model_parallel_size=2,
-              sequence_parallel=True), "expert_tensor_parallel_size=1 only"),
         (dict(moma=MoMaOptions(experts_per_modality=(2, 2), routing="token_choice"),
               tensor_model_parallel_size=2, sequence_parallel=True,
               moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid"),

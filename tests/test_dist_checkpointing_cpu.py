@@ -2,7 +2,8 @@
 under another with every parameter element equal (the resharding the trainer will rely on).
 For MoMa and MoT this checks every new parameter's sharded_state_dict: routers, auxiliary
 routers and norms replicated over TP and EP, experts by global expert index within their
-modality group, per-modality projections split over TP along Megatron's axes."""
+modality group (split over expert-TP like Megatron's experts), per-modality projections split
+over TP along Megatron's axes."""
 
 import pytest
 import torch
@@ -45,6 +46,10 @@ def _load(model, layout, directory):
 
 TP2_SP_EP2_ETP1 = ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
                                  expert_parallel_size=2, expert_tensor_parallel_size=1)
+TP2_SP_EP2_ETP2 = ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                                 expert_parallel_size=2, expert_tensor_parallel_size=2)
+TP2_SP_ETP2 = ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                             expert_tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize(
@@ -55,11 +60,14 @@ TP2_SP_EP2_ETP1 = ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
         (MOE, ParallelLayout(), 1, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2), 4),
         (MOMA, TP2_SP_EP2_ETP1, 4, ParallelLayout(), 1),
         (MOMA, ParallelLayout(), 1, TP2_SP_EP2_ETP1, 4),
+        (MOMA, TP2_SP_EP2_ETP2, 4, ParallelLayout(), 1),
+        (MOMA, ParallelLayout(), 1, TP2_SP_ETP2, 2),
         (MOT_MOMA, TP2_SP_EP2_ETP1, 4, ParallelLayout(pipeline_parallel_size=2), 2),
         (MOD_MOMA, TP2_SP_EP2_ETP1, 4, ParallelLayout(pipeline_parallel_size=2), 2),
     ],
     ids=["moe-tp2-sp-ep2-to-ws1", "moe-ws1-to-pp2-ep2", "moma-tp2-sp-ep2-to-ws1",
-         "moma-ws1-to-tp2-sp-ep2", "mot+moma-tp2-sp-ep2-to-pp2", "mod+moma-tp2-sp-ep2-to-pp2"],
+         "moma-ws1-to-tp2-sp-ep2", "moma-tp2-sp-ep2-etp2-to-ws1", "moma-ws1-to-tp2-sp-etp2",
+         "mot+moma-tp2-sp-ep2-to-pp2", "mod+moma-tp2-sp-ep2-to-pp2"],
 )
 def test_checkpoint_reshards_across_layouts(tmp_path, model, save_layout, save_ranks, load_layout,
                                             load_ranks):

@@ -15,7 +15,7 @@ from megatron_moma.layers.moma import MoMaMLP
 from megatron_moma.modality import ModalityIndex, ModalityLayout
 from megatron_moma.modality.context import ModalityContext, attach_context
 from megatron_moma.specs import get_moma_layer_spec
-from megatron_moma.testing.multiprocess import run_on_ranks
+from megatron_moma.testing.multiprocess import RankFailure, run_on_ranks
 
 HIDDEN, FFN, SEQ, BATCH = 16, 24, 12, 2
 LAYOUT = ModalityLayout.text_and_image(50, 99)  # modality id 0 text, 1 image
@@ -76,13 +76,13 @@ def reference_aux_loss(x, modality_ids, weights, assignments):
 
 
 # ----------------------------------------------------------------------------- the layer
-def build_layer(options: MoMaOptions) -> MoMaMLP:
+def build_layer(options: MoMaOptions, **config_fields) -> MoMaMLP:
     from megatron.core.transformer.spec_utils import build_module
 
     config = ModalityTransformerConfig(
         num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=2,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        use_cpu_initialization=True, modality_layout=LAYOUT, moma=options,
+        use_cpu_initialization=True, modality_layout=LAYOUT, moma=options, **config_fields,
     )
     layer = build_module(get_moma_layer_spec().submodules.mlp, config=config)
     for param in layer.parameters():  # away from Megatron's tiny init, so routing matters
@@ -257,6 +257,19 @@ def test_a_modality_absent_from_the_micro_batch_keeps_its_parameters_in_the_grap
     image_experts = {k: v for k, v in grads.items() if k.startswith("experts.image")}
     assert image_experts and all(has and total == 0 for has, total in image_experts.values())
     assert grads["experts.text.local_experts.0.linear_fc1.weight"][1] > 0
+
+
+def _layer_under_another_expert_tp_than_parallel_state():
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()  # expert-TP 1
+    build_layer(MoMaOptions(experts_per_modality=(2, 2)), expert_tensor_parallel_size=2)
+
+
+def test_expert_tp_of_the_config_must_match_the_parallel_state():
+    with pytest.raises(RankFailure, match="expert_tensor_parallel_size is 2 but megatron-core's "
+                                          "expert-tensor-parallel group has 1 ranks"):
+        run_on_ranks(_layer_under_another_expert_tp_than_parallel_state, 1, timeout=120)
 
 
 def _router_scores_with_gumbel_noise():

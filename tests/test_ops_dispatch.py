@@ -214,3 +214,62 @@ def test_cuda_kernels_match_the_cpu(dtype, hidden):
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     for on_cpu, on_gpu in zip(results["cpu"], results["cuda"]):
         torch.testing.assert_close(on_gpu, on_cpu, **tolerance)
+
+
+def modality_grouped_selection(num_tokens, experts_per_group, image_share, generator):
+    """MoMa-like rows: each expert of a group takes a quarter of its group's tokens (duplicates
+    across experts); buckets numbered group by group. image_share 0: group 1 has no token and all
+    its buckets are empty. -> token_of_row [R], bucket_of_row [R], number of buckets."""
+    modality = (torch.rand(num_tokens, generator=generator) < image_share).long()
+    tokens, buckets, first = [], [], 0
+    for group, experts in enumerate(experts_per_group):
+        members = (modality == group).nonzero().flatten()
+        taken = members.numel() // 4 + (1 if members.numel() else 0)
+        for expert in range(experts):
+            tokens.append(members[torch.randperm(members.numel(), generator=generator)[:taken]])
+            buckets.append(torch.full((taken,), first + expert))
+        first += experts
+    shuffle = torch.randperm(sum(t.numel() for t in tokens), generator=generator)
+    return torch.cat(tokens)[shuffle], torch.cat(buckets)[shuffle], first
+
+
+def cuda_bucket_cases():
+    """(token_of_row, bucket_of_row, num_tokens, num_buckets) on the CPU, each named."""
+    generator = torch.Generator().manual_seed(6)
+    random_rows = lambda rows, tokens, buckets: (  # noqa: E731
+        torch.randint(0, tokens, (rows,), generator=generator),
+        torch.randint(0, buckets, (rows,), generator=generator), tokens, buckets)
+    cases = {
+        "moma-4t4i": (*modality_grouped_selection(3000, (4, 4), 0.4, generator)[:2], 3000, 8),
+        "moma-no-image-tokens": (*modality_grouped_selection(2500, (4, 4), 0.0, generator)[:2],
+                                 2500, 8),
+        "expert-choice-duplicates": (*expert_choice_selection(4096, 8, 1024, generator), 4096, 8),
+        "heavy-duplicates": random_rows(5000, 300, 37),  # ~17 copies per token, 5 tiles
+        "one-bucket": random_rows(3000, 3000, 1),
+        "many-buckets": random_rows(2500, 100, 2000),  # mostly empty buckets
+        "one-row": random_rows(1, 5, 3),
+        "no-rows": (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 10, 4),
+        "no-tokens": (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0, 4),
+    }
+    return cases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(cuda_bucket_cases()))
+def test_cuda_bucket_equals_the_cpu_counting_sort(case):
+    """The CUDA counting sort gives exactly the C++ CPU kernel's (stable) layout, without a host
+    synchronization (torch's sync debug mode raises on one)."""
+    token, bucket_of_row, num_tokens, num_buckets = cuda_bucket_cases()[case]
+    assert kernels.bucket_kernel(token.cuda()) is kernels.extension.bucket
+    expected = kernels.extension.bucket(token, bucket_of_row, num_tokens, num_buckets)
+    token_gpu, bucket_gpu = token.cuda(), bucket_of_row.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = kernels.extension.bucket(token_gpu, bucket_gpu, num_tokens, num_buckets)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    names = ["source_token", "order", "position", "counts", "token_offsets", "positions_by_token"]
+    for name, ours, cpu in zip(names, got, expected):
+        assert ours.is_cuda and ours.dtype == torch.long, name
+        assert torch.equal(ours.cpu(), cpu), name

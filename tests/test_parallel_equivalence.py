@@ -58,7 +58,7 @@ CASES = [
         tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
         expert_tensor_parallel_size=1)),
     (MOE, 4, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2)),
-    # MoMa 2t2i with auxiliary routers; experts are never tensor-parallel (expert-TP 1).
+    # MoMa 2t2i with auxiliary routers; whole experts on every rank (expert-TP 1).
     (MOMA, 2, ParallelLayout()),  # DP2
     (MOMA, 2, ParallelLayout(tensor_parallel_size=2, expert_tensor_parallel_size=1)),
     (MOMA, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
@@ -70,10 +70,20 @@ CASES = [
     (MOMA, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
                              expert_tensor_parallel_size=1)),
     (MOMA, 4, ParallelLayout(pipeline_parallel_size=2, expert_parallel_size=2)),
+    # Expert tensor parallelism: each expert's linears split over the expert-TP group, its rows
+    # gathered there before the experts and reduce-scattered after them.
+    (MOMA, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                             expert_tensor_parallel_size=2)),
+    (MOMA, 2, ParallelLayout(tensor_parallel_size=2, expert_tensor_parallel_size=2)),
+    (MOMA, 2, ParallelLayout(expert_tensor_parallel_size=2)),  # expert-TP over the DP ranks
+    (MOMA, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
+                             expert_tensor_parallel_size=2)),
     # Token choice inside each group, with Megatron's load-balancing loss.
     (MOMA_TOKEN_CHOICE, 2, ParallelLayout(expert_parallel_size=2)),
     (MOMA_TOKEN_CHOICE, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
                                           expert_parallel_size=2, expert_tensor_parallel_size=1)),
+    (MOMA_TOKEN_CHOICE, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                                          expert_parallel_size=2, expert_tensor_parallel_size=2)),
     # MoT: every non-embedding weight per modality, global attention.
     (MOT, 2, ParallelLayout()),  # DP2
     (MOT, 2, ParallelLayout(tensor_parallel_size=2)),

@@ -45,10 +45,25 @@ def test_blend_and_virtual_pipeline_flags():
     (["--split", "a,b"], 1, "--split 'a,b'"),
     (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be smaller than --lr-decay-iters 10"),
     (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible"),
+    (["--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "2"], 2,
+     "world size 2 is not divisible by --expert-tensor-parallel-size x --expert-model-parallel-size"),
+    (["--architecture", "moma", "--disable-bias-linear", "--ffn-hidden-size", "33",
+      "--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
+     "--ffn-hidden-size 33 is not divisible by the expert-tensor-parallel size 2"),
 ])
 def test_invalid_combinations_name_the_flags(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message.replace("(", r"\(")):
         parse_args(REQUIRED + extra, world_size=world_size)
+
+
+def test_moma_takes_megatron_expert_tensor_parallelism():
+    moma = ["--architecture", "moma", "--disable-bias-linear", "--moma-experts-per-modality", "2", "2"]
+    args = parse_args(REQUIRED + moma + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                         "--expert-model-parallel-size", "2",
+                                         "--expert-tensor-parallel-size", "2"], world_size=4)
+    assert args.expert_tensor_parallel_size == 2
+    args = parse_args(REQUIRED + moma + ["--expert-tensor-parallel-size", "2"], world_size=2)
+    assert args.expert_tensor_parallel_size == 2 and args.data_parallel_size == 2
 
 
 def test_missing_lr_and_data_path_are_errors():

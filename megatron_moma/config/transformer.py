@@ -21,8 +21,9 @@ class ModalityTransformerConfig(TransformerConfig):
     `mod` set makes the layers it names Mixture-of-Depths layers. The MoMa experts are Megatron expert modules, so
     the Megatron MoE fields follow from `moma`: `num_moe_experts` is the total number of
     experts (it also makes Megatron's schedules scale the auxiliary-router loss like the main
-    loss), and `moe_ffn_hidden_size` defaults to `ffn_hidden_size`. Experts are not tensor-
-    parallel: `expert_tensor_parallel_size` defaults to 1 (Megatron's default would be the TP size).
+    loss), and `moe_ffn_hidden_size` defaults to `ffn_hidden_size`. `expert_tensor_parallel_size`
+    keeps Megatron's meaning and default (the TP size): each expert's linears are split over the
+    expert-tensor-parallel group.
     `expert_fp8` runs the MoMa expert GEMMs in FP8 without Transformer Engine (with TE, FP8 is
     megatron-core's `fp8` field and its companions).
     """
@@ -83,13 +84,6 @@ class ModalityTransformerConfig(TransformerConfig):
                     f"MoMa group {name!r} has {experts} experts, not divisible by "
                     f"expert_model_parallel_size {ep}: every EP rank holds an equal share of every group"
                 )
-        if self.expert_tensor_parallel_size is None:
-            self.expert_tensor_parallel_size = 1
-        if self.expert_tensor_parallel_size != 1:
-            raise ValueError(
-                "MoMa experts support expert_tensor_parallel_size=1 only (initialise Megatron's "
-                "parallel state with expert_tensor_parallel_size=1 too)"
-            )
         if (self.moma.routing == "token_choice" and self.sequence_parallel
                 and self.moe_router_enable_expert_bias):
             raise ValueError(

@@ -12,8 +12,12 @@ modality untying, "no learned routing"). The routing scope is the
 micro-batch on this data-parallel rank: under sequence parallelism the scores of the whole
 sequence are gathered across the tensor-parallel group for the selection (no gradient flows
 through the selection), so the choice is the same whatever the layout. Under tensor parallelism
-without SP every TP rank routes all tokens and runs the experts on its share of the chosen rows. Selected rows go to their
-experts through `dispatch.expert_parallel`.
+without SP every TP rank routes all tokens and runs the experts on its share of the chosen rows.
+Selected rows go to their experts through `dispatch.expert_parallel`: over the expert-parallel
+group to the experts' owners, and with expert tensor parallelism (megatron-core's
+`expert_tensor_parallel_size` > 1: linear_fc1 column-parallel, linear_fc2 row-parallel over the
+expert-TP group) gathered over that group before the experts and reduce-scattered after them,
+as megatron-core's all-to-all token dispatcher does.
 
 With `routing="token_choice"` each group instead has Megatron's TopKRouter over its experts
 (its score function, top-k, load-balancing loss and expert bias, configured by the usual
@@ -87,6 +91,13 @@ class MoMaMLP(MegatronModule, ModalityAware):
         pg_collection = pg_collection or get_default_pg_collection()
         self.tp_group = pg_collection.tp
         self.ep_group = pg_collection.ep
+        self.expert_tp_group = pg_collection.expt_tp
+        if config.expert_tensor_parallel_size != self.expert_tp_group.size():
+            raise ValueError(
+                f"MoMa: config.expert_tensor_parallel_size is {config.expert_tensor_parallel_size} "
+                f"but megatron-core's expert-tensor-parallel group has {self.expert_tp_group.size()} "
+                "ranks; initialise parallel_state with the same expert_tensor_parallel_size"
+            )
         # Tensor parallelism without SP: every TP rank holds all tokens and routes them all (the
         # same choice everywhere); each runs the experts on its share of the chosen rows, and the
         # outputs are summed over TP.
@@ -103,8 +114,9 @@ class MoMaMLP(MegatronModule, ModalityAware):
                                pg_collection=pg_collection)
             for name, experts in zip(self.group_names, sizes)
         })
-        # Experts are never tensor-parallel: every TP rank holds whole experts and runs them on
-        # its own sequence chunk, so the TP peers are expert-data-parallel replicas. Megatron
+        # With expert-TP 1 every TP rank holds whole experts and runs them on its own rows, so
+        # the TP peers are expert-data-parallel replicas; with expert-TP > 1 the expert-TP peers
+        # hold slices of every expert and run them on the rows of the whole group. Megatron
         # treats expert weights as expert parameters (gradients reduced over the expert-data-
         # parallel group, norms over the expert-model-parallel group) only when EP > 1; MoMa's
         # are expert parameters at every EP size.
@@ -161,6 +173,7 @@ class MoMaMLP(MegatronModule, ModalityAware):
             [self.experts[name] for name in self.group_names],
             self.options.experts_per_modality,
             self.ep_group,
+            self.expert_tp_group,
         )
         if self.split_rows_over_tp:
             output = reduce_from_tensor_model_parallel_region(output)

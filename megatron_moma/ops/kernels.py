@@ -44,8 +44,12 @@ def row_kernels(tensor: torch.Tensor):
 
 
 def bucket_kernel(token_of_row: torch.Tensor):
-    """The bucket implementation for these indices: the C++ counting sort on CPU; on a GPU
-    torch's device sort (the fallback, which needs no host synchronization)."""
-    if extension is not None and token_of_row.device.type == "cpu":
+    """The bucket implementation for these indices: the extension's counting sort (C++ on CPU,
+    CUDA kernels on a GPU where built; neither synchronizes with the host on a GPU), else the
+    fallback's stable device sort."""
+    if extension is None:
+        return torch_kernels.bucket
+    if token_of_row.device.type == "cpu" or (token_of_row.device.type == "cuda"
+                                             and extension.with_cuda):
         return extension.bucket
     return torch_kernels.bucket

@@ -258,6 +258,11 @@ def validate(args: argparse.Namespace) -> None:
              f"--micro-batch-size x data-parallel size = {per_step}")
     _require(args.hidden_size % args.num_attention_heads == 0 or args.kv_channels is not None,
              "--hidden-size must be divisible by --num-attention-heads (or set --kv-channels)")
+    expert_ranks = (expert_tensor_parallel_size(args) * args.expert_model_parallel_size
+                    * args.pipeline_model_parallel_size)
+    _require(args.world_size % expert_ranks == 0,
+             f"world size {args.world_size} is not divisible by --expert-tensor-parallel-size x "
+             f"--expert-model-parallel-size x --pipeline-model-parallel-size = {expert_ranks}")
     _require(not args.sequence_parallel or args.tensor_model_parallel_size > 1,
              "--sequence-parallel needs --tensor-model-parallel-size > 1")
     _require(args.lr_warmup_iters < args.lr_decay_iters,
@@ -306,6 +311,11 @@ def _validate_moma(args: argparse.Namespace) -> None:
     _require(args.disable_bias_linear, "MoMa experts need --disable-bias-linear (as Megatron's MoE on CPU)")
     _require(args.tensor_model_parallel_size == 1 or args.sequence_parallel,
              "MoMa with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    expert_tp = expert_tensor_parallel_size(args)
+    _require(args.ffn_hidden_size % expert_tp == 0,
+             f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by the expert-tensor-parallel "
+             f"size {expert_tp} (--expert-tensor-parallel-size, default the TP size) that splits "
+             "every MoMa expert")
     ep = args.expert_model_parallel_size
     for experts in args.moma_experts_per_modality:
         _require(experts % ep == 0,
@@ -340,6 +350,11 @@ def _validate_fp8(args: argparse.Namespace) -> None:
     _require(args.hidden_size % 16 == 0 and args.ffn_hidden_size % 16 == 0,
              f"--fp8-format needs --hidden-size ({args.hidden_size}) and --ffn-hidden-size "
              f"({args.ffn_hidden_size}) divisible by 16")
+
+
+def expert_tensor_parallel_size(args: argparse.Namespace) -> int:
+    """--expert-tensor-parallel-size, or Megatron's default: the TP size."""
+    return args.expert_tensor_parallel_size or args.tensor_model_parallel_size
 
 
 def virtual_pipeline_size(args: argparse.Namespace) -> Optional[int]:
