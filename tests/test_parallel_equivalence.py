@@ -24,6 +24,7 @@ from megatron_moma.testing.multiprocess import run_on_ranks
 DENSE = gpt_runs.TinyGPT()
 MOE = gpt_runs.TinyGPT(num_experts=4)
 MOMA = gpt_runs.TinyGPT(moma=MoMaOptions(experts_per_modality=(2, 2)))
+MOMA_GROUPED = gpt_runs.TinyGPT(moma=MoMaOptions(experts_per_modality=(2, 2)), moe_grouped_gemm=True)
 MOMA_TOKEN_CHOICE = gpt_runs.TinyGPT(moma=MoMaOptions(
     experts_per_modality=(2, 4), routing="token_choice", token_choice_topk=2))
 MOT = gpt_runs.TinyGPT(mot=MoTOptions(qk_layernorm=True))
@@ -78,6 +79,11 @@ CASES = [
     (MOMA, 2, ParallelLayout(expert_tensor_parallel_size=2)),  # expert-TP over the DP ranks
     (MOMA, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True, expert_parallel_size=2,
                              expert_tensor_parallel_size=2)),
+    # Grouped-GEMM experts (GroupedExpertMLP) split over expert-TP and spread over EP.
+    (MOMA_GROUPED, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                                     expert_tensor_parallel_size=2)),
+    (MOMA_GROUPED, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                                     expert_parallel_size=2, expert_tensor_parallel_size=2)),
     # Token choice inside each group, with Megatron's load-balancing loss.
     (MOMA_TOKEN_CHOICE, 2, ParallelLayout(expert_parallel_size=2)),
     (MOMA_TOKEN_CHOICE, 4, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
@@ -113,7 +119,7 @@ def _case_id(case):
     if model.mot:
         kind = f"mot-{model.mot.norm_placement}" + ("+moma" if model.moma else "")
     elif model.moma:
-        kind = f"moma-{model.moma.routing.replace('_', '-')}"
+        kind = f"moma-{model.moma.routing.replace('_', '-')}" + ("-grouped" if model.moe_grouped_gemm else "")
     if model.mod:
         kind = f"mod+{kind}"
     name = layout.name if layout.name != "ws1" else "dp2"

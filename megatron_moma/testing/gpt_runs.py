@@ -59,6 +59,7 @@ class TinyGPT:
     moma: Optional[MoMaOptions] = None
     mot: Optional[MoTOptions] = None
     mod: Optional[MoDOptions] = None
+    moe_grouped_gemm: bool = False  # MoMa experts as GroupedExpertMLP instead of SequentialMLP
 
     @property
     def modality_layout(self) -> ModalityLayout:
@@ -114,7 +115,7 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
     if model.moma is not None or model.mot is not None or model.mod is not None:
         config_class = ModalityTransformerConfig
         modality = dict(modality_layout=model.modality_layout, moma=model.moma, mot=model.mot,
-                        mod=model.mod,
+                        mod=model.mod, moe_grouped_gemm=model.moe_grouped_gemm,
                         moe_router_load_balancing_type="aux_loss",
                         moe_aux_loss_coeff=model.moe_aux_loss_coeff)
     return config_class(
