@@ -33,7 +33,9 @@ def initialize_distributed(device: str) -> None:
     """torch.distributed from torchrun's environment, or a one-process group of our own."""
     if torch.distributed.is_initialized():
         return
-    backend = activate_platform() if device == "cpu" else "nccl"
+    if device == "cpu":
+        activate_platform()  # megatron-core on CPU where there is no CUDA
+    backend = "gloo" if device == "cpu" else "nccl"  # CPU tensors on a CUDA machine too
     if "RANK" in os.environ:
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
