@@ -22,11 +22,16 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from megatron_moma.conversion.errors import ConversionError
-from megatron_moma.conversion.megatron_checkpoint import load_world_size_one_model
+from megatron_moma.conversion.megatron_checkpoint import (
+    load_world_size_one_model,
+    locate_checkpoint,
+    read_run_config,
+)
 from megatron_moma.conversion.safetensors_shards import write_safetensors_shards
 from megatron_moma.conversion.staged_directory import check_output_directory, staged_directory
 from megatron_moma.conversion.world_size_one import world_size_one_parallel_state
 from megatron_moma.hf.mapping import HF_MODEL_FILES, hf_config_from_run_config, megatron_to_hf_state_dict
+from megatron_moma.training import checkpointing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # Hugging Face's "5GB"
@@ -69,19 +74,24 @@ def export_hf(load: str, out: str, *, iteration: Optional[int] = None, tokenizer
     folder; iteration `iteration`, default the tracker's). `dtype`: "fp32" or "bf16" (default:
     the run's). Needs a one-process torch.distributed group."""
     check_output_directory(out, overwrite)
+    root, iteration = locate_checkpoint(load, iteration)
+    directory = checkpointing.checkpoint_dir(root, iteration)
+    run_config = read_run_config(directory)
+    try:
+        hf_config = hf_config_from_run_config(run_config)
+    except ValueError as error:
+        raise ConversionError(f"{directory}: cannot export: {error}") from error
     hf_tokenizer = _load_tokenizer(tokenizer) if tokenizer is not None else None
-    with world_size_one_parallel_state():
-        loaded = load_world_size_one_model(load, iteration)
-        try:
-            hf_config = hf_config_from_run_config(loaded.run_config)
-            tensors = megatron_to_hf_state_dict(loaded.model.state_dict(), hf_config)
-        except ValueError as error:
-            raise ConversionError(f"{loaded.directory}: cannot export: {error}") from error
-        del loaded.model
     if hf_tokenizer is not None:
         _check_tokenizer(hf_tokenizer, tokenizer, hf_config)
+    with world_size_one_parallel_state():
+        model = load_world_size_one_model(root, iteration).model
+        try:
+            tensors = megatron_to_hf_state_dict(model.state_dict(), hf_config)
+        except ValueError as error:
+            raise ConversionError(f"{directory}: cannot export: {error}") from error
     torch_dtype = DTYPES[dtype] if dtype else (
-        torch.bfloat16 if loaded.run_config["arguments"].get("bf16") else torch.float32)
+        torch.bfloat16 if run_config["arguments"].get("bf16") else torch.float32)
     hf_config.dtype = torch_dtype
     with staged_directory(out, overwrite) as staging:
         hf_config.save_pretrained(staging)
@@ -91,6 +101,6 @@ def export_hf(load: str, out: str, *, iteration: Optional[int] = None, tokenizer
         GenerationConfig.from_model_config(hf_config).save_pretrained(staging)
         if hf_tokenizer is not None:
             hf_tokenizer.save_pretrained(staging)
-    return ExportSummary(out=os.path.abspath(out), checkpoint=loaded.directory,
-                         architecture=loaded.run_config["architecture"], dtype=torch_dtype,
+    return ExportSummary(out=os.path.abspath(out), checkpoint=directory,
+                         architecture=run_config["architecture"], dtype=torch_dtype,
                          num_tensors=len(weight_map), num_shards=len(set(weight_map.values())))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_moma.conversion.errors import ConversionError
 from megatron_moma.conversion.world_size_one import (
@@ -110,9 +111,10 @@ def load_world_size_one_model(path: str, iteration: Optional[int] = None,
         train_state = checkpointing.load_checkpoint(root, [model], None, None, same_layout=False,
                                                     load_optimizer=False, load_rng=False,
                                                     iteration=iteration)
-    except CheckpointingException as error:
+    except (CheckpointingException, CheckpointException) as error:
+        reason = str(error).strip().splitlines()[-1]  # torch's exception holds a traceback
         raise ConversionError(f"{directory}: the checkpoint does not hold the {args.architecture} "
-                              f"model its {RUN_CONFIG} describes: {error}") from error
+                              f"model its {RUN_CONFIG} describes: {reason}") from error
     model.eval()
     return LoadedCheckpoint(model=model, run_config=run_config, directory=directory,
                             train_state=train_state)

@@ -6,8 +6,9 @@ Face model is compared with.
 
 The checkpoint (saved under any layout) is read into a world-size-1 model on the CPU, in eval
 mode, so MoMa and MoD route by their inference routing: the run's `--moma-inference-routing` /
-`--mod-inference-routing` unless given here (`aux` is causal, like the Hugging Face model's
-generation; `expert_choice` / `top_k` look ahead over the whole sequence).
+`--mod-inference-routing` unless given here (`aux` is causal, like the Hugging Face model;
+`expert_choice` / `top_k` look ahead: expert choice ranks all tokens of the batch given, so pass
+the trainer's micro-batches one at a time to reproduce its evaluation).
 """
 
 from typing import Optional

@@ -2,12 +2,17 @@
 
 `digits_dataset` preprocesses the bundled corpus once; `pretrain_on_ranks` runs the trainer on
 ranks forked from the calling process (`run_on_ranks`), and `tensorboard_scalars` reads back
-what a run logged, step by step.
+what a run logged, step by step. `save_named_weight_checkpoints` writes checkpoints of the
+trainer's model without training: every weight set from its global name, so that a checkpoint
+saved under any layout holds known values.
 """
 
 import os
 from typing import Dict, List
 
+import torch
+
+from megatron_moma.data.vocabulary import VocabularyLayout
 from megatron_moma.testing.multiprocess import run_on_ranks
 
 TINY_TRAINER_FLAGS = [
@@ -61,3 +66,34 @@ def tensorboard_scalars(tensorboard_dir: str, tag: str) -> Dict[int, float]:
     events = EventAccumulator(tensorboard_dir, size_guidance={"scalars": 0})
     events.Reload()
     return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def save_named_weight_checkpoints(checkpoints: Dict[str, List[str]], vocabulary: VocabularyLayout,
+                                  iteration: int = 1) -> None:
+    """Call on every rank (torch.distributed initialised). For each {root: trainer flags}: build
+    pretrain_moma's model under the flags' layout, set every weight to
+    `gpt_runs.global_initial_value` of its global name, and save it as checkpoint `iteration`
+    of `root` with its run config (model only: no optimizer, scheduler or RNG state)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_moma.testing.gpt_runs import set_weights_by_global_name
+    from megatron_moma.training import checkpointing, configs, loop
+    from megatron_moma.training.arguments import parse_args
+
+    world_size = torch.distributed.get_world_size()
+    for root, argv in checkpoints.items():
+        args = parse_args(list(argv) + ["--data-path", "unused", "--lr", "1e-3", "--train-iters", "1"],
+                          world_size=world_size)
+        configs.parallel_layout(args).initialize()
+        model_parallel_cuda_manual_seed(args.seed)
+        padded = configs.padded_vocab_size(vocabulary.vocab_size, args)
+        config = configs.transformer_config(args, configs.modality_layout(vocabulary))
+        chunks = loop.build_model(args, config, padded)
+        set_weights_by_global_name(chunks)
+        run_config = checkpointing.make_run_config(args, vocabulary, padded, config.architecture,
+                                                   world_size)
+        checkpointing.save_checkpoint(root, [c.module for c in chunks], None, None,
+                                      checkpointing.TrainState(iteration=iteration), run_config,
+                                      save_optimizer=False, save_rng=False)
+        parallel_state.destroy_model_parallel()
