@@ -45,10 +45,20 @@ def test_blend_and_virtual_pipeline_flags():
     (["--split", "a,b"], 1, "--split 'a,b'"),
     (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be smaller than --lr-decay-iters 10"),
     (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible"),
+    (["--tensor-model-parallel-size", "3"], 3,
+     "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
+    (["--group-query-attention", "--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2,
+     "--num-query-groups 1 is not divisible by --tensor-model-parallel-size 2"),
+    (["--skip-train"], 1, "--skip-train needs --load"),
 ])
 def test_invalid_combinations_name_the_flags(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message.replace("(", r"\(")):
         parse_args(REQUIRED + extra, world_size=world_size)
+
+
+def test_skip_train_needs_no_learning_rate():
+    args = parse_args([a for a in REQUIRED if a not in ("--lr", "1e-3")] + ["--skip-train", "--load", "ckpt"])
+    assert args.skip_train and args.lr == 0.0
 
 
 def test_missing_lr_and_data_path_are_errors():

@@ -215,6 +215,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.data_parallel_size = args.world_size // model_parallel if model_parallel else 0
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
+    if args.lr is None and args.skip_train:
+        args.lr = 0.0  # nothing is trained
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_fraction is not None:
@@ -232,7 +234,7 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Raise ArgumentError for every combination Megatron-LM or our layers would reject later."""
-    _require(args.lr is not None or args.skip_train, "--lr is required")
+    _require(args.lr is not None, "--lr is required")
     _require(args.data_path, "--data-path is required (a prefix, or weight prefix pairs)")
     _require(not args.skip_train or args.load is not None,
              "--skip-train needs --load (the checkpoint to evaluate)")
