@@ -42,7 +42,8 @@ class LoadedCheckpoint:
 def saved_iterations(root: str) -> List[int]:
     """The iterations with a complete `iter_NNNNNNN/` folder under `root`, in order."""
     matches = (ITERATION_FOLDER.match(name) for name in os.listdir(root))
-    return sorted(int(m.group(1)) for m in matches if m and os.path.isdir(os.path.join(root, m.group(0))))
+    return sorted(int(m.group(1)) for m in matches
+                  if m and os.path.isdir(os.path.join(root, m.group(0))))
 
 
 def locate_checkpoint(path: str, iteration: Optional[int] = None) -> Tuple[str, int]:
@@ -63,7 +64,8 @@ def locate_checkpoint(path: str, iteration: Optional[int] = None) -> Tuple[str, 
         except ValueError as error:
             raise ConversionError(str(error)) from error
         if iteration is None:
-            found = f"saved iterations {available}: pass --iteration" if available else "no iter_NNNNNNN/ folders"
+            found = (f"saved iterations {available}: pass --iteration" if available
+                     else "no iter_NNNNNNN/ folders")
             raise ConversionError(f"{path} is not a pretrain_moma checkpoint directory: no {TRACKER} "
                                   f"({found})")
     if iteration not in available:
