@@ -186,6 +186,24 @@ def test_the_world_size_one_reader_returns_every_saved_weight(saved):
     assert any("mod_aux_router" in k for k in checked["moma+mod@pp2-vpp2"][0])
 
 
+def _upcycle(argv):
+    from megatron_moma.training.upcycling import main
+
+    return main(argv)
+
+
+def test_upcycling_needs_only_the_checkpoint(saved, tmp_path):
+    """moma-upcycle rebuilds the model from run_config.json like the converter: the dataset
+    named there (`unused`) does not exist."""
+    source = saved["dense@pp2"]
+    run_config = checkpointing.read_run_config(checkpointing.checkpoint_dir(source, 1))
+    assert not os.path.exists(run_config["arguments"]["data_path"][0])
+    upcycled = str(tmp_path / "upcycled")
+    assert run_on_ranks(_upcycle, 1, ["--load", source, "--save", upcycled,
+                                      "--moma-experts-per-modality", "2", "2"], timeout=120) == [0]
+    assert checkpointing.read_run_config(checkpointing.checkpoint_dir(upcycled, 1))["architecture"] == "moma"
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_exported_model_gives_megatrons_logits(exported, vocabulary, case):
     code, folder, megatron = exported[case]

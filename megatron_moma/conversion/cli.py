@@ -60,8 +60,10 @@ def _add_import(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moma-convert", allow_abbrev=False,
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="moma-convert", allow_abbrev=False,
+        description="Convert pretrain_moma checkpoints to and from Hugging Face model folders "
+                    "(one process, CPU).")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_export(commands)
     _add_import(commands)
