@@ -79,6 +79,7 @@ setup(
             "moma-sample-data=megatron_moma.data.sample_corpus:main",
             "pretrain-moma=megatron_moma.training.pretrain_moma:main",
             "moma-upcycle=megatron_moma.training.upcycling:main",
+            "moma-convert=megatron_moma.conversion.cli:main",
         ],
     },
 )

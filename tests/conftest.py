@@ -17,3 +17,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def data_path(tmp_path_factory):
+    """The digits corpus (400 images), preprocessed once per session: the dataset prefix."""
+    from megatron_moma.testing.trainer_runs import digits_dataset
+
+    return digits_dataset(str(tmp_path_factory.mktemp("digits")))

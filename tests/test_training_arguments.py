@@ -50,6 +50,11 @@ def test_blend_and_virtual_pipeline_flags():
     (["--architecture", "moma", "--disable-bias-linear", "--ffn-hidden-size", "33",
       "--tensor-model-parallel-size", "2", "--sequence-parallel"], 2,
      "--ffn-hidden-size 33 is not divisible by the expert-tensor-parallel size 2"),
+    (["--tensor-model-parallel-size", "3"], 3,
+     "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
+    (["--group-query-attention", "--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2,
+     "--num-query-groups 1 is not divisible by --tensor-model-parallel-size 2"),
+    (["--skip-train"], 1, "--skip-train needs --load"),
 ])
 def test_invalid_combinations_name_the_flags(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message.replace("(", r"\(")):
@@ -64,6 +69,11 @@ def test_moma_takes_megatron_expert_tensor_parallelism():
     assert args.expert_tensor_parallel_size == 2
     args = parse_args(REQUIRED + moma + ["--expert-tensor-parallel-size", "2"], world_size=2)
     assert args.expert_tensor_parallel_size == 2 and args.data_parallel_size == 2
+
+
+def test_skip_train_needs_no_learning_rate():
+    args = parse_args([a for a in REQUIRED if a not in ("--lr", "1e-3")] + ["--skip-train", "--load", "ckpt"])
+    assert args.skip_train and args.lr == 0.0
 
 
 def test_missing_lr_and_data_path_are_errors():

@@ -12,57 +12,15 @@ import sys
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from megatron_moma.data import preprocess, sample_corpus
 from megatron_moma.testing.multiprocess import run_on_ranks
+from megatron_moma.testing.trainer_runs import MOMA_2T2I
+from megatron_moma.testing.trainer_runs import pretrain_on_ranks as _train
+from megatron_moma.testing.trainer_runs import tensorboard_scalars as _scalars
+from megatron_moma.testing.trainer_runs import trainer_flags as _args
 from megatron_moma.training import checkpointing
 
 WORKTREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = ["--device", "cpu", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-        "--ffn-hidden-size", "64", "--seq-length", "32", "--micro-batch-size", "2",
-        "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
-        "--position-embedding-type", "rope", "--hidden-dropout", "0", "--attention-dropout", "0",
-        "--split", "90,10,0", "--eval-iters", "1", "--eval-interval", "1000", "--log-interval", "1",
-        "--seed", "7"]
-MOMA_2T2I = ["--architecture", "moma", "--moma-experts-per-modality", "2", "2"]
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    """The digits corpus (400 images), preprocessed: the dataset prefix."""
-    directory = str(tmp_path_factory.mktemp("digits"))
-    assert sample_corpus.main(["--output-dir", directory, "--num-images", "400",
-                               "--code-format", "inline"]) == 0
-    prefix = os.path.join(directory, "digits")
-    assert preprocess.main(["--input", os.path.join(directory, "digits.jsonl"), "--output-prefix",
-                            prefix, "--codebook-size", "8", "--codes-per-image", "64",
-                            "--append-eod"]) == 0
-    return prefix + "_text_document"
-
-
-def _pretrain(argv):
-    from megatron_moma.training.pretrain_moma import pretrain
-
-    return pretrain(argv)
-
-
-def _train(ranks, argv, timeout=150):
-    codes = run_on_ranks(_pretrain, ranks, argv, timeout=timeout)
-    assert set(codes) == {codes[0]}, codes
-    return codes[0]
-
-
-def _scalars(tensorboard_dir, tag):
-    events = EventAccumulator(tensorboard_dir, size_guidance={"scalars": 0})
-    events.Reload()
-    return {event.step: event.value for event in events.Scalars(tag)}
-
-
-def _args(data_path, root, name, iters, *extra):
-    return TINY + ["--data-path", data_path, "--train-iters", str(iters),
-                   "--tensorboard-dir", os.path.join(root, "tb-" + name)] + list(extra)
 
 
 def test_resume_continues_the_loss_sequence_exactly_moma_ep2(data_path, tmp_path):

@@ -9,7 +9,7 @@ groups of the model are built from the flags in `megatron_moma.training.configs`
 
 import argparse
 import math
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from megatron_moma.config.fp8 import FP8_FORMATS, FP8_RECIPES
 from megatron_moma.config.mod import INFERENCE_ROUTINGS as MOD_INFERENCE_ROUTINGS
@@ -145,6 +145,10 @@ def _training(parser):
     group.add_argument("--override-opt_param-scheduler", action="store_true")
     group.add_argument("--exit-signal-handler", action="store_true")
     group.add_argument("--exit-interval", type=int, default=None)
+    group.add_argument("--skip-train", action="store_true",
+                       help="bypass the training loop: evaluate the --load checkpoint on the "
+                            "validation split (--eval-iters batches, the --*-inference-routing "
+                            "given), print and log the losses, exit; nothing is saved")
 
 
 def _data(parser):
@@ -195,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_arguments() -> Dict[str, Any]:
+    """Every flag's default by argparse dest (required flags: None), before derived values."""
+    return {action.dest: action.default for action in build_parser()._actions
+            if action.dest != "help"}
+
+
 def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argparse.Namespace:
     """Parse and validate; fills Megatron-LM's derived defaults (ffn size, batch sizes, ...)."""
     args = build_parser().parse_args(argv)
@@ -229,6 +239,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.data_parallel_size = args.world_size // model_parallel if model_parallel else 0
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
+    if args.lr is None and args.skip_train:
+        args.lr = 0.0  # nothing is trained
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_fraction is not None:
@@ -248,6 +260,8 @@ def validate(args: argparse.Namespace) -> None:
     """Raise ArgumentError for every combination Megatron-LM or our layers would reject later."""
     _require(args.lr is not None, "--lr is required")
     _require(args.data_path, "--data-path is required (a prefix, or weight prefix pairs)")
+    _require(not args.skip_train or args.load is not None,
+             "--skip-train needs --load (the checkpoint to evaluate)")
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     _require(args.world_size % model_parallel == 0,
              f"world size {args.world_size} is not divisible by --tensor-model-parallel-size x "
@@ -263,8 +277,6 @@ def validate(args: argparse.Namespace) -> None:
     _require(args.world_size % expert_ranks == 0,
              f"world size {args.world_size} is not divisible by --expert-tensor-parallel-size x "
              f"--expert-model-parallel-size x --pipeline-model-parallel-size = {expert_ranks}")
-    _require(not args.sequence_parallel or args.tensor_model_parallel_size > 1,
-             "--sequence-parallel needs --tensor-model-parallel-size > 1")
     _require(args.lr_warmup_iters < args.lr_decay_iters,
              f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
              f"{args.lr_decay_iters} (default --train-iters)")
@@ -276,6 +288,23 @@ def validate(args: argparse.Namespace) -> None:
     _require(args.eval_iters >= 0 and args.log_interval > 0 and args.eval_interval > 0,
              "--log-interval and --eval-interval must be > 0, --eval-iters >= 0")
     _validate_split(args.split)
+    validate_model_split(args)
+    _validate_interleaving(args)
+
+
+def validate_model_split(args: argparse.Namespace) -> None:
+    """Raise ArgumentError unless the model splits under the parallel-size flags: heads and
+    query groups over TP, layers over PP (and virtual stages), each MoMa group's experts over
+    EP. The checkpoint converter checks a target layout with it too."""
+    tp = args.tensor_model_parallel_size
+    _require(not args.sequence_parallel or tp > 1,
+             "--sequence-parallel needs --tensor-model-parallel-size > 1")
+    _require(args.num_attention_heads % tp == 0,
+             f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+             f"--tensor-model-parallel-size {tp}")
+    _require(not args.group_query_attention or args.num_query_groups % tp == 0,
+             f"--num-query-groups {args.num_query_groups} is not divisible by "
+             f"--tensor-model-parallel-size {tp}")
     _validate_pipeline(args)
     _validate_moma(args)
     _validate_fp8(args)
@@ -299,6 +328,11 @@ def _validate_pipeline(args: argparse.Namespace) -> None:
         _require((args.num_layers // pp) % per_stage == 0,
                  f"layers per pipeline stage {args.num_layers // pp} are not divisible by "
                  f"--num-layers-per-virtual-pipeline-stage {per_stage}")
+
+
+def _validate_interleaving(args: argparse.Namespace) -> None:
+    pp = args.pipeline_model_parallel_size
+    if args.num_layers_per_virtual_pipeline_stage is not None:
         num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
         _require(num_microbatches % pp == 0,
                  f"interleaved pipelining needs the number of micro-batches ({num_microbatches}) "

@@ -27,7 +27,10 @@ import torch
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+import megatron_moma
+from megatron_moma.data.vocabulary import VocabularyLayout
 from megatron_moma.training.arguments import ArgumentError
+from megatron_moma.training.configs import parallel_layout
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.json"
@@ -151,17 +154,34 @@ def _remove_unfinished_saves(root: str) -> None:
             shutil.rmtree(os.path.join(root, name))
 
 
+def make_run_config(args, vocabulary: VocabularyLayout, padded_vocab_size: int, architecture: str,
+                    world_size: int) -> Dict[str, Any]:
+    """The run's full configuration, saved beside every checkpoint as run_config.json: every
+    flag, the vocabulary layout, the padded vocabulary size and the parallel layout."""
+    return {
+        "megatron_moma_version": getattr(megatron_moma, "__version__", "0.1.0"),
+        "architecture": architecture,
+        "arguments": dict(vars(args)),
+        "vocabulary": vocabulary.to_dict(),
+        "padded_vocab_size": padded_vocab_size,
+        "world_size": world_size,
+        "parallel_layout": asdict(parallel_layout(args)),
+    }
+
+
 def read_run_config(directory: str) -> Dict[str, Any]:
     with open(os.path.join(directory, RUN_CONFIG)) as config_file:
         return json.load(config_file)
 
 
 def load_checkpoint(root: str, models, optimizer, scheduler, *, same_layout: bool,
-                    load_optimizer: bool = True, load_rng: bool = True) -> Optional[TrainState]:
-    """Load the tracker's checkpoint into the model (and optimizer, scheduler, RNG if present and
-    asked for); returns its TrainState, or None when `root` has no checkpoint. RNG states load
-    only under `same_layout` (they are per rank)."""
-    iteration = read_tracker(root)
+                    load_optimizer: bool = True, load_rng: bool = True,
+                    iteration: Optional[int] = None) -> Optional[TrainState]:
+    """Load checkpoint `iteration` (default: the tracker's) into the model (and optimizer,
+    scheduler, RNG if present and asked for); returns its TrainState, or None when `root` has
+    no checkpoint. RNG states load only under `same_layout` (they are per rank)."""
+    if iteration is None:
+        iteration = read_tracker(root)
     if iteration is None:
         return None
     directory = checkpoint_dir(root, iteration)

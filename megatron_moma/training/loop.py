@@ -31,6 +31,7 @@ from megatron_moma.layers.aux_loss import scale_auxiliary_losses
 from megatron_moma.models import build_gpt_model
 from megatron_moma.models.aux_router_stage import train_only_auxiliary_routers
 from megatron_moma.training import checkpointing, data
+from megatron_moma.training.arguments import ArgumentError
 from megatron_moma.training.checkpointing import TrainState
 from megatron_moma.training.configs import optimizer_config
 from megatron_moma.training.flops import training_flops
@@ -217,6 +218,16 @@ def evaluate(run: Run) -> Dict[str, float]:
     for chunk in run.chunks:
         chunk.train()
     return _as_means(sums, names)
+
+
+def evaluate_checkpoint(run: Run) -> int:
+    """--skip-train: evaluate the loaded model once, log the losses at its iteration, save
+    nothing; returns the exit code."""
+    if run.splits.valid is None or not run.args.eval_iters:
+        raise ArgumentError(f"--skip-train evaluates on the validation split: --split "
+                            f"{run.args.split!r} and --eval-iters {run.args.eval_iters} give none")
+    run.logger.evaluation(run.state.iteration, run.state.consumed_train_samples, evaluate(run))
+    return EXIT_OK
 
 
 class ExitSignal:

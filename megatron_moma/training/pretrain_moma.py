@@ -1,15 +1,15 @@
 """`pretrain-moma` / `python -m megatron_moma.training.pretrain_moma`: the pretraining entry point.
 
 Run with torchrun (one process per device), or as a single process. Flags: `--help`
-(megatron_moma.training.arguments). Exit codes: 0 done (or saved and stopped on SIGTERM or
---exit-interval), 2 invalid flags, 3 NaN/inf in the loss or gradients.
+(megatron_moma.training.arguments); `--skip-train --load CKPT` evaluates the checkpoint and
+exits. Exit codes: 0 done (or saved and stopped on SIGTERM or --exit-interval), 2 invalid
+flags, 3 NaN/inf in the loss or gradients.
 """
 
 import argparse
 import os
 import sys
 import tempfile
-from dataclasses import asdict
 from typing import List, Optional
 
 import torch
@@ -20,7 +20,6 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-import megatron_moma
 from megatron_moma.platform import activate_platform
 from megatron_moma.training import checkpointing, configs, data, loop
 from megatron_moma.training.arguments import ArgumentError, parse_args
@@ -34,7 +33,9 @@ def initialize_distributed(device: str) -> None:
     """torch.distributed from torchrun's environment, or a one-process group of our own."""
     if torch.distributed.is_initialized():
         return
-    backend = activate_platform() if device == "cpu" else "nccl"
+    if device == "cpu":
+        activate_platform()  # megatron-core on CPU where there is no CUDA
+    backend = "gloo" if device == "cpu" else "nccl"  # CPU tensors on a CUDA machine too
     if "RANK" in os.environ:
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -58,15 +59,8 @@ def _set_seeds(seed: int) -> None:
 
 def _run_config(args, vocab, padded_vocab_size: int, config) -> dict:
     """The run's full configuration, saved beside every checkpoint as run_config.json."""
-    return {
-        "megatron_moma_version": getattr(megatron_moma, "__version__", "0.1.0"),
-        "architecture": config.architecture,
-        "arguments": {k: v for k, v in vars(args).items()},
-        "vocabulary": vocab.to_dict(),
-        "padded_vocab_size": padded_vocab_size,
-        "world_size": torch.distributed.get_world_size(),
-        "parallel_layout": asdict(configs.parallel_layout(args)),
-    }
+    return checkpointing.make_run_config(args, vocab, padded_vocab_size, config.architecture,
+                                         torch.distributed.get_world_size())
 
 
 def _same_layout(root: str, run_config: dict) -> bool:
@@ -108,12 +102,15 @@ def build_run(args) -> loop.Run:
         loaded = checkpointing.load_checkpoint(
             args.load, [c.module for c in chunks], optimizer, scheduler,
             same_layout=_same_layout(args.load, run_config),
-            load_optimizer=not (args.no_load_optim or args.finetune or args.train_aux_routers),
+            load_optimizer=not (args.no_load_optim or args.finetune or args.train_aux_routers
+                                or args.skip_train),
             load_rng=not (args.no_load_rng or args.finetune))
         state = TrainState() if args.finetune or args.train_aux_routers else loaded
         print_rank_last(f" loaded checkpoint from {args.load} at iteration {loaded.iteration}")
-    elif args.train_aux_routers:
-        raise ArgumentError(f"--train-aux-routers: no checkpoint in --load {args.load}")
+    elif args.train_aux_routers or args.skip_train:
+        flag = "--train-aux-routers" if args.train_aux_routers else "--skip-train"
+        raise ArgumentError(f"{flag}: no checkpoint in --load {args.load} "
+                            f"(no {checkpointing.TRACKER})")
     return loop.Run(args=args, config=config, vocab_size=vocab_size, chunks=chunks,
                     optimizer=optimizer, scheduler=scheduler, splits=data.build_splits(args, vocab),
                     logger=TrainingLogger(args.train_iters, args.log_interval, args.tensorboard_dir,
@@ -126,7 +123,7 @@ def pretrain(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv, world_size=torch.distributed.get_world_size())
     run = build_run(args)
     try:
-        return loop.train(run)
+        return loop.evaluate_checkpoint(run) if args.skip_train else loop.train(run)
     finally:
         run.logger.close()
         destroy_num_microbatches_calculator()

@@ -9,26 +9,29 @@ random initial value silently. The new checkpoint keeps the iteration and the da
 (consumed samples) and has no optimizer or LR-scheduler state, so `pretrain_moma --load` resumes
 from it with a fresh optimizer and the LR schedule started again from step 0.
 
-Runs in one process (the checkpoint's full tensors are read with dist_checkpointing, the new one
-written in torch_dist format, which loads under any TP/PP/EP layout).
+Runs in one process: the model is rebuilt from the checkpoint's run_config.json alone (no dataset
+needed), the checkpoint's full tensors are read with dist_checkpointing, and the new one is
+written in torch_dist format, which loads under any TP/PP/EP layout.
 """
 
 import argparse
-import copy
 import re
 import sys
-from dataclasses import asdict
 from typing import Dict, List, Optional
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_moma.models import build_gpt_model
-from megatron_moma.parallel.layout import ParallelLayout
-from megatron_moma.training import checkpointing, configs
+from megatron_moma.conversion.megatron_checkpoint import locate_checkpoint, read_run_config
+from megatron_moma.conversion.world_size_one import (
+    build_world_size_one_model,
+    world_size_one_arguments,
+    world_size_one_parallel_state,
+)
+from megatron_moma.data.vocabulary import VocabularyLayout
+from megatron_moma.training import checkpointing
 from megatron_moma.training.checkpointing import TrainState
 
 EXPERT_KEY = re.compile(r"^(?P<layers>.*)\.mlp\.experts\.(?P<modality>\w+)\.experts\.(?P<linear>linear_fc[12])\.weight$")
@@ -36,17 +39,10 @@ FRESH_KEY = re.compile(r"\.mlp\.(routers|aux_routers)\.")
 
 
 def _target_arguments(saved: Dict, experts_per_modality: List[int]) -> argparse.Namespace:
-    args = argparse.Namespace(**copy.deepcopy(saved["arguments"]))
+    args = world_size_one_arguments(saved)
     args.architecture = "mot+moma" if args.architecture.startswith("mot") else "moma"
     args.moma_experts_per_modality = list(experts_per_modality)
     args.moma_gumbel_noise = True
-    args.device = "cpu"
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "expert_model_parallel_size"):
-        setattr(args, name, 1)
-    args.sequence_parallel = False
-    args.num_layers_per_virtual_pipeline_stage = None
-    args.expert_tensor_parallel_size = None
     return args
 
 
@@ -69,29 +65,22 @@ def _source_tensor(key: str, source: Dict[str, torch.Tensor], experts: int) -> O
 def upcycle(load: str, save: str, experts_per_modality: List[int]) -> str:
     """Write the upcycled checkpoint of `load`'s latest iteration under `save`; returns its folder.
     torch.distributed must be initialised with one process."""
-    iteration = checkpointing.read_tracker(load)
-    if iteration is None:
-        raise ValueError(f"{load}: no {checkpointing.TRACKER}")
-    directory = checkpointing.checkpoint_dir(load, iteration)
-    saved = checkpointing.read_run_config(directory)
+    root, iteration = locate_checkpoint(load)
+    directory = checkpointing.checkpoint_dir(root, iteration)
+    saved = read_run_config(directory)
     args = _target_arguments(saved, experts_per_modality)
-    ParallelLayout().initialize()
-    model_parallel_cuda_manual_seed(args.seed)
-    vocab = configs.vocabulary(args)
-    config = configs.transformer_config(args, configs.modality_layout(vocab))
-    model = build_gpt_model(config, saved["padded_vocab_size"], args.max_position_embeddings,
-                            position_embedding_type=args.position_embedding_type,
-                            rotary_base=args.rotary_base,
-                            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
-    source = {k: v for k, v in dist_checkpointing.load_plain_tensors(directory).items()
-              if isinstance(v, torch.Tensor) and not k.startswith(("optimizer", "chained_"))}
-    _copy_into(model, source)
-    state = TrainState(**dist_checkpointing.load_common_state_dict(directory)["train_state"])
-    run_config = dict(saved, architecture=config.architecture, arguments=vars(args),
-                      upcycled_from=directory, world_size=1,
-                      parallel_layout=asdict(configs.parallel_layout(args)))
-    return checkpointing.save_checkpoint(save, [model], None, None, state, run_config,
-                                         save_optimizer=False, save_rng=False)
+    with world_size_one_parallel_state(args.seed):
+        model = build_world_size_one_model(args, saved)
+        source = {k: v for k, v in dist_checkpointing.load_plain_tensors(directory).items()
+                  if isinstance(v, torch.Tensor) and not k.startswith(("optimizer", "chained_"))}
+        _copy_into(model, source)
+        state = TrainState(**dist_checkpointing.load_common_state_dict(directory)["train_state"])
+        run_config = checkpointing.make_run_config(
+            args, VocabularyLayout.from_dict(saved["vocabulary"]), saved["padded_vocab_size"],
+            model.config.architecture, world_size=1)
+        run_config["upcycled_from"] = directory
+        return checkpointing.save_checkpoint(save, [model], None, None, state, run_config,
+                                             save_optimizer=False, save_rng=False)
 
 
 @torch.no_grad()
@@ -140,8 +129,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as error:
         print(f"moma-upcycle: error: {error}", file=sys.stderr)
         return 1
-    finally:
-        parallel_state.destroy_model_parallel()
     print(f"wrote {folder}: experts per modality {args.moma_experts_per_modality}, resume with "
           f"pretrain_moma --load {args.save} (fresh optimizer, LR schedule from step 0)")
     return 0
