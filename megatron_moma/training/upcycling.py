@@ -36,6 +36,7 @@ from megatron_moma.training.checkpointing import TrainState
 
 EXPERT_KEY = re.compile(r"^(?P<layers>.*)\.mlp\.experts\.(?P<modality>\w+)\.experts\.(?P<linear>linear_fc[12])\.weight$")
 FRESH_KEY = re.compile(r"\.mlp\.(routers|aux_routers)\.")
+PRE_MLP_NORM_KEY = re.compile(r"^(?P<layers>.*)\.pre_mlp_layernorm\.(?P<name>weight|bias)$")
 
 
 def _target_arguments(saved: Dict, experts_per_modality: List[int]) -> argparse.Namespace:
@@ -46,16 +47,36 @@ def _target_arguments(saved: Dict, experts_per_modality: List[int]) -> argparse.
     return args
 
 
+def _dense_source_key(key: str) -> Optional[str]:
+    """The key of a dense checkpoint that holds MoMa target `key`, if it is named differently:
+    the layer's MLP linears for its experts ([layers, out, in], one expert), and the pre-MLP norm,
+    which dense layers save under Transformer Engine's fused key (megatron-core's local spec maps
+    it so) and MoMa layers under its own name, like megatron-core's MoE layers."""
+    match = EXPERT_KEY.match(key)
+    if match is not None:
+        return f"{match['layers']}.mlp.{match['linear']}.weight"
+    match = PRE_MLP_NORM_KEY.match(key)
+    if match is not None:
+        return f"{match['layers']}.mlp.linear_fc1.layer_norm_{match['name']}"
+    return None
+
+
+def _source_key(key: str, source: Dict[str, torch.Tensor]) -> str:
+    """The source key for target `key`: the same key (a 1t1i source) or the dense one."""
+    if key in source or _dense_source_key(key) is None:
+        return key
+    return _dense_source_key(key)
+
+
 def _source_tensor(key: str, source: Dict[str, torch.Tensor], experts: int) -> Optional[torch.Tensor]:
     """The full source tensor for target `key` [.., experts, ..] or [..], or None if fresh."""
     if FRESH_KEY.search(key):
         return None
-    match = EXPERT_KEY.match(key)
-    if match is None:
-        return source[key]
-    single = source.get(key)
-    if single is None:  # dense source: the layer's MLP, [layers, out, in] -> [layers, 1, out, in]
-        single = source[f"{match['layers']}.mlp.{match['linear']}.weight"].unsqueeze(1)
+    single = source[_source_key(key, source)]
+    if EXPERT_KEY.match(key) is None:
+        return single
+    if key not in source:  # dense source: [layers, out, in] -> [layers, 1, out, in]
+        single = single.unsqueeze(1)
     if single.shape[1] != 1:
         raise ValueError(f"{key}: the source has {single.shape[1]} experts in this group; "
                          "upcycling starts from one expert per modality (1t1i) or a dense MLP")
@@ -101,10 +122,7 @@ def _copy_into(model, source: Dict[str, torch.Tensor]) -> None:
         if tuple(full.shape) != tuple(shard.global_shape):
             raise ValueError(f"{shard.key}: source shape {tuple(full.shape)}, target {shard.global_shape}")
         shard.data.copy_(full[shard.global_slice()].reshape(shard.data.shape))
-        used.add(shard.key)
-        match = EXPERT_KEY.match(shard.key)
-        if match and shard.key not in source:
-            used.add(f"{match['layers']}.mlp.{match['linear']}.weight")
+        used.add(_source_key(shard.key, source))
     unused = sorted(set(source) - used - {k for k in source if FRESH_KEY.search(k)})
     if unused:
         raise ValueError(f"source parameters with no place in the upcycled model: {unused}")
