@@ -12,7 +12,8 @@ import shutil
 import pytest
 
 from megatron_moma.data.preprocess import main as preprocess
-from megatron_moma.data.vocabulary import ModalityRange, VocabularyLayout
+from megatron_moma.data.vocabulary import VocabularyLayout
+from megatron_moma.modality.layout import Modality
 from megatron_moma.testing.multiprocess import run_on_ranks
 
 EOD, PAD, BOI, EOI = 256, 257, 258, 259
@@ -215,7 +216,7 @@ def test_vocabulary_comes_from_the_sidecars_which_must_agree(tmp_path):
     found = MixedModalDatasetConfig(**config(tmp_path, ([a_prefix], None))).vocabulary
     assert found == VocabularyLayout(
         264,
-        (ModalityRange("image", 260, 263),),
+        (Modality("image", 260, 263),),
         eod=EOD,
         pad=PAD,
         begin_of_image=BOI,

@@ -17,7 +17,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_moma.data.preprocess import main
 from megatron_moma.data.tokenizers import ByteLevelTokenizer
-from megatron_moma.data.vocabulary import ModalityRange, VocabularyLayout, read_sidecar
+from megatron_moma.data.vocabulary import VocabularyLayout, read_sidecar
+from megatron_moma.modality.layout import Modality
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOD, BOI, EOI, IMAGE_0 = 256, 258, 259, 260
@@ -110,7 +111,7 @@ def test_sidecar_records_the_vocabulary_layout(corpus):
     assert run(corpus, *IMAGE_FLAGS) == 0
     expected = VocabularyLayout(
         276,
-        (ModalityRange("image", 260, 275),),
+        (Modality("image", 260, 275),),
         eod=256,
         pad=257,
         begin_of_image=258,
@@ -188,7 +189,7 @@ def test_vocabulary_map_and_explicit_sentinels(corpus):
         [0, 1],
     )  # codes 0, 1, 2, 15
     layout = read_sidecar(str(corpus / "out_text_document.vocab.json"))
-    assert layout.range_of("image") == ModalityRange("image", 1000, 1015)
+    assert layout.range_of("image") == Modality("image", 1000, 1015)
     assert (layout.begin_of_image, layout.end_of_image, layout.vocab_size) == (300, 301, 65536)
 
 
@@ -197,7 +198,7 @@ def test_explicit_image_code_offset(corpus):
     documents, _ = read_documents(str(corpus / "out_text_document"))
     assert documents[1] == ([[97, 98], [BOI, 300, 301, 302, 315, EOI]], [0, 1])
     layout = read_sidecar(str(corpus / "out_text_document.vocab.json"))
-    assert (layout.range_of("image"), layout.vocab_size) == (ModalityRange("image", 300, 315), 316)
+    assert (layout.range_of("image"), layout.vocab_size) == (Modality("image", 300, 315), 316)
 
 
 def test_several_json_keys_write_one_dataset_each(tmp_path):

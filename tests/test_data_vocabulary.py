@@ -7,19 +7,21 @@ import pytest
 import torch
 
 from megatron_moma.data.vocabulary import (
-    ModalityRange,
+    IMAGE,
+    SPEECH,
     VocabularyLayout,
     read_sidecar,
     sidecar_path,
     write_sidecar,
 )
+from megatron_moma.modality.layout import Modality
 
 
 def three_modality_layout() -> VocabularyLayout:
     """Text everywhere but image [40, 59] and speech [60, 69]; sentinels 0-3 are text."""
     return VocabularyLayout(
         vocab_size=100,
-        ranges=(ModalityRange("speech", 60, 69), ModalityRange("image", 40, 59)),
+        ranges=(Modality("speech", 60, 69), Modality("image", 40, 59)),
         eod=0,
         pad=3,
         begin_of_image=1,
@@ -47,15 +49,15 @@ def test_modality_ids_of_torch_tokens_keep_their_shape():
 @pytest.mark.parametrize(
     "ranges, sentinels, message",
     [
-        ((ModalityRange("image", 10, 20), ModalityRange("speech", 20, 30)), {}, "overlaps"),
+        ((Modality("image", 10, 20), Modality("speech", 20, 30)), {}, "overlaps"),
         (
-            (ModalityRange("image", 10, 20),),
+            (Modality("image", 10, 20),),
             {"begin_of_image": 15},
             "begin_of_image id 15 lies in the image range",
         ),
-        ((ModalityRange("image", 10, 20),), {"eod": 10}, "eod id 10 lies in the image range"),
-        ((ModalityRange("image", 90, 100),), {}, "outside the vocabulary of 100 ids"),
-        ((ModalityRange("image", 10, 20), ModalityRange("image", 30, 40)), {}, "one id range"),
+        ((Modality("image", 10, 20),), {"eod": 10}, "eod id 10 lies in the image range"),
+        ((Modality("image", 90, 100),), {}, "outside the vocabulary of 100 ids"),
+        ((Modality("image", 10, 20), Modality("image", 30, 40)), {}, "one id range"),
         ((), {"pad": 100}, r"pad id 100 is outside the vocabulary \[0, 100\)"),
         (
             (),
@@ -63,6 +65,8 @@ def test_modality_ids_of_torch_tokens_keep_their_shape():
             "end_of_image id 5 is also the begin_of_image id",
         ),
         ((), {"pad": 7, "end_of_image": 7}, "end_of_image id 7 is also the pad id"),
+        ((Modality("video", 10, 20),), {}, r"name must be one of \('image', 'speech'\)"),
+        ((Modality("speech", 10, 20),), {}, "first of .* without gaps"),
     ],
 )
 def test_layout_rejects_inconsistent_ranges_and_sentinels(ranges, sentinels, message):
@@ -71,13 +75,19 @@ def test_layout_rejects_inconsistent_ranges_and_sentinels(ranges, sentinels, mes
         VocabularyLayout(100, ranges, **fields)
 
 
-def test_text_is_not_a_range_and_names_are_known():
-    with pytest.raises(ValueError, match="must be one of"):
-        ModalityRange("text", 0, 5)
-    with pytest.raises(ValueError, match="must be one of"):
-        ModalityRange("video", 0, 5)
-    with pytest.raises(ValueError, match="empty"):
-        ModalityRange("image", 5, 4)
+def test_text_is_not_a_range():
+    with pytest.raises(ValueError, match="text is the implicit modality"):
+        Modality("text", 0, 5)
+    with pytest.raises(ValueError, match="first_id <= last_id"):
+        Modality("image", 5, 4)
+
+
+def test_model_modality_ids_agree_with_the_dataset_vocabulary():
+    """The model numbers modalities by position in its layout, the dataset by name."""
+    layout = three_modality_layout().modality_layout
+    assert layout.names.index("image") == IMAGE and layout.names.index("speech") == SPEECH
+    tokens = torch.tensor(TOKENS)
+    assert torch.equal(layout.modality_ids(tokens), three_modality_layout().modality_ids(tokens))
 
 
 def test_sidecar_round_trip(tmp_path):

@@ -16,12 +16,13 @@ from typing import Dict, List
 import pytest
 import torch
 
-from megatron_moma.data.vocabulary import ModalityRange, VocabularyLayout
+from megatron_moma.data.vocabulary import VocabularyLayout
+from megatron_moma.modality.layout import Modality
 from megatron_moma.hf import mapping
 from megatron_moma.testing.multiprocess import run_on_ranks
 from megatron_moma.training.arguments import parse_args
 
-VOCABULARY = VocabularyLayout(vocab_size=100, ranges=(ModalityRange("image", 50, 89),), eod=0,
+VOCABULARY = VocabularyLayout(vocab_size=100, ranges=(Modality("image", 50, 89),), eod=0,
                               begin_of_image=1, end_of_image=2)
 SEQ, BATCH = 12, 3
 BASE_FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -107,7 +108,7 @@ def build_megatron(run_config_flags: List[str]):
 
     args = parse_args(run_config_flags)
     padded = configs.padded_vocab_size(VOCABULARY.vocab_size, args)
-    config = configs.transformer_config(args, configs.modality_layout(VOCABULARY))
+    config = configs.transformer_config(args, VOCABULARY.modality_layout)
     model = build_gpt_model(
         config, padded, args.max_position_embeddings, use_te=False,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,

@@ -81,14 +81,3 @@ def test_missing_lr_and_data_path_are_errors():
         parse_args([a for a in REQUIRED if a not in ("--lr", "1e-3")])
     with pytest.raises(ArgumentError, match="--data-path is required"):
         parse_args(REQUIRED[:-2])
-
-
-def test_model_modality_ids_agree_with_the_dataset_vocabulary():
-    from megatron_moma.data.vocabulary import IMAGE, SPEECH, ModalityRange, VocabularyLayout
-    from megatron_moma.training.configs import modality_layout
-
-    speech, image = ModalityRange("speech", 300, 399), ModalityRange("image", 100, 299)
-    layout = modality_layout(VocabularyLayout(vocab_size=400, ranges=(speech, image), eod=0))
-    assert layout.names.index("image") == IMAGE and layout.names.index("speech") == SPEECH
-    with pytest.raises(ArgumentError, match="without gaps"):
-        modality_layout(VocabularyLayout(vocab_size=400, ranges=(speech,), eod=0))

@@ -97,7 +97,7 @@ def imported_run_config(hf_config: MoMaConfig, parallel_flags: Dict[str, Any], h
         if padded_vocab_size % args.tensor_model_parallel_size:
             raise ArgumentError(f"the padded vocabulary ({padded_vocab_size}) is not divisible by "
                                 f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
-        architecture = configs.transformer_config(args, configs.modality_layout(vocabulary)).architecture
+        architecture = configs.transformer_config(args, vocabulary.modality_layout).architecture
     except ArgumentError as error:
         raise ConversionError(f"the model of {hf_dir} does not split under the target layout: "
                               f"{error}") from error

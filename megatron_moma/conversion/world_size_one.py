@@ -44,7 +44,7 @@ def build_world_size_one_model(args: argparse.Namespace, run_config: Dict[str, A
     """The whole model of `args` (from `world_size_one_arguments`), with the run config's
     vocabulary layout and padded vocabulary size; inside `world_size_one_parallel_state`."""
     vocab = VocabularyLayout.from_dict(run_config["vocabulary"])
-    config = configs.transformer_config(args, configs.modality_layout(vocab))
+    config = configs.transformer_config(args, vocab.modality_layout)
     return build_gpt_model(config, run_config["padded_vocab_size"], args.max_position_embeddings,
                            position_embedding_type=args.position_embedding_type,
                            rotary_base=args.rotary_base,

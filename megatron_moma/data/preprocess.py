@@ -38,7 +38,8 @@ from megatron_moma.data.image_codes import (
 )
 from megatron_moma.data.records import BadRecord, RecordEncoder
 from megatron_moma.data.tokenizers import BYTE_LEVEL, TOKENIZER_TYPES, build_tokenizer
-from megatron_moma.data.vocabulary import ModalityRange, VocabularyLayout
+from megatron_moma.data.vocabulary import VocabularyLayout
+from megatron_moma.modality.layout import Modality
 
 ENCODE_CHUNK_SIZE = 16
 
@@ -110,7 +111,7 @@ def build_vocabulary(
     ranges = (
         ()
         if image_vocabulary is None
-        else (ModalityRange("image", image_vocabulary.first_id, image_vocabulary.last_id),)
+        else (Modality("image", image_vocabulary.first_id, image_vocabulary.last_id),)
     )
     largest = max(
         [

@@ -3,18 +3,22 @@
 SPEC section 1: a token's modality is a pure function of its id. Every non-text modality owns one
 contiguous, inclusive id range (name, first_id, last_id); every other id is text, including the
 sentinels (end-of-document, padding, begin/end-of-image). Modality ids are fixed by name and equal
-the per-sequence mode of megatron's multimodal IndexedDataset: 0 text, 1 image, 2 speech.
+the per-sequence mode of megatron's multimodal IndexedDataset: 0 text, 1 image, 2 speech. The
+model's `ModalityLayout` (`VocabularyLayout.modality_layout`) numbers modalities by position, so a
+vocabulary holds the first modalities of that list without gaps and both numberings agree.
 
 The preprocessing tool writes the layout beside each dataset as a JSON sidecar
 (`{path_prefix}.vocab.json`); training reads it back, so both agree with no side channel.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy
 import torch
+
+from megatron_moma.modality.layout import Modality, ModalityLayout
 
 MODALITY_NAMES = ("text", "image", "speech")
 """Modality names; a modality's id (and its IndexedDataset mode) is its index here."""
@@ -27,33 +31,6 @@ SIDECAR_VERSION = 1
 
 
 @dataclass(frozen=True)
-class ModalityRange:
-    """The inclusive id range [first_id, last_id] owned by the non-text modality `name`."""
-
-    name: str
-    first_id: int
-    last_id: int
-
-    def __post_init__(self) -> None:
-        if self.name not in MODALITY_NAMES[1:]:
-            raise ValueError(
-                f"modality range name {self.name!r} must be one of {MODALITY_NAMES[1:]} "
-                "(every id outside the ranges is text)"
-            )
-        if not 0 <= self.first_id <= self.last_id:
-            raise ValueError(
-                f"{self.name} range [{self.first_id}, {self.last_id}] is empty or negative"
-            )
-
-    @property
-    def size(self) -> int:
-        return self.last_id - self.first_id + 1
-
-    def contains(self, token_id: int) -> bool:
-        return self.first_id <= token_id <= self.last_id
-
-
-@dataclass(frozen=True)
 class VocabularyLayout:
     """Modality id ranges and sentinel ids of one vocabulary of `vocab_size` ids.
 
@@ -62,26 +39,30 @@ class VocabularyLayout:
     """
 
     vocab_size: int
-    ranges: Tuple[ModalityRange, ...]
+    ranges: Tuple[Modality, ...]
     eod: int
     pad: Optional[int] = None
     begin_of_image: Optional[int] = None
     end_of_image: Optional[int] = None
-    _modality_of_name: Dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranges", tuple(self.ranges))
         self._check_ranges()
         self._check_sentinels()
-        object.__setattr__(
-            self, "_modality_of_name", {name: i for i, name in enumerate(MODALITY_NAMES)}
-        )
 
     def _check_ranges(self) -> None:
         ordered = sorted(self.ranges, key=lambda r: r.first_id)
         names = [r.name for r in ordered]
         if len(set(names)) != len(names):
             raise ValueError(f"each modality may own one id range, got {names}")
+        unknown = sorted(set(names) - set(MODALITY_NAMES[1:]))
+        if unknown:
+            raise ValueError(f"modality ranges {unknown}: a range's name must be one of "
+                             f"{MODALITY_NAMES[1:]} (every id outside the ranges is text)")
+        if sorted(names, key=MODALITY_NAMES.index) != list(MODALITY_NAMES[1 : 1 + len(names)]):
+            raise ValueError(f"modality ranges {names}: a vocabulary holds the first of "
+                             f"{MODALITY_NAMES[1:]} without gaps (the model numbers modalities "
+                             "by position, the dataset by name)")
         for lower, upper in zip(ordered, ordered[1:]):
             if upper.first_id <= lower.last_id:
                 raise ValueError(
@@ -122,7 +103,7 @@ class VocabularyLayout:
         }
         return {name: token_id for name, token_id in candidates.items() if token_id is not None}
 
-    def range_of(self, modality: str) -> Optional[ModalityRange]:
+    def range_of(self, modality: str) -> Optional[Modality]:
         """The id range of `modality`, or None when the vocabulary has none."""
         return next((r for r in self.ranges if r.name == modality), None)
 
@@ -137,19 +118,23 @@ class VocabularyLayout:
         modality = xp.zeros_like(token_ids, dtype=xp.int64)
         for modality_range in self.ranges:
             inside = (token_ids >= modality_range.first_id) & (token_ids <= modality_range.last_id)
-            modality = xp.where(inside, self._modality_of_name[modality_range.name], modality)
+            modality = xp.where(inside, MODALITY_NAMES.index(modality_range.name), modality)
         return modality
+
+    @property
+    def modality_layout(self) -> ModalityLayout:
+        """The model's modality layout of this vocabulary, with the same modality ids."""
+        return ModalityLayout(tuple(sorted(self.ranges, key=lambda r: MODALITY_NAMES.index(r.name))))
 
     def to_dict(self) -> Dict[str, Any]:
         layout = asdict(self)
-        layout.pop("_modality_of_name")
         layout["ranges"] = [asdict(r) for r in self.ranges]
         return layout
 
     @classmethod
     def from_dict(cls, layout: Dict[str, Any]) -> "VocabularyLayout":
         fields = dict(layout)
-        fields["ranges"] = tuple(ModalityRange(**r) for r in fields["ranges"])
+        fields["ranges"] = tuple(Modality(**r) for r in fields["ranges"])
         return cls(**fields)
 
 

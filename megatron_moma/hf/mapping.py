@@ -111,7 +111,7 @@ def hf_config_from_run_config(run_config: Dict[str, Any]) -> MoMaConfig:
     args = argparse.Namespace(**run_config["arguments"])
     _check_supported(args)
     vocabulary = VocabularyLayout.from_dict(run_config["vocabulary"])
-    layout = configs.modality_layout(vocabulary)
+    layout = vocabulary.modality_layout
     model = configs.transformer_config(args, layout)  # validates the flags as the trainer does
     if run_config.get("architecture", model.architecture) != model.architecture:
         raise ValueError(f"run config: architecture {run_config['architecture']!r} does not match "

@@ -32,6 +32,13 @@ class Modality:
             raise ValueError(f"modality {self.name!r}: need 0 <= first_id <= last_id, got "
                              f"{self.first_id}..{self.last_id}")
 
+    @property
+    def size(self) -> int:
+        return self.last_id - self.first_id + 1
+
+    def contains(self, token_id: int) -> bool:
+        return self.first_id <= token_id <= self.last_id
+
 
 @dataclass(frozen=True)
 class ModalityLayout:

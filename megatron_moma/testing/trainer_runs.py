@@ -88,7 +88,7 @@ def save_named_weight_checkpoints(checkpoints: Dict[str, List[str]], vocabulary:
         configs.parallel_layout(args).initialize()
         model_parallel_cuda_manual_seed(args.seed)
         padded = configs.padded_vocab_size(vocabulary.vocab_size, args)
-        config = configs.transformer_config(args, configs.modality_layout(vocabulary))
+        config = configs.transformer_config(args, vocabulary.modality_layout)
         chunks = loop.build_model(args, config, padded)
         set_weights_by_global_name(chunks)
         run_config = checkpointing.make_run_config(args, vocabulary, padded, config.architecture,

@@ -17,13 +17,11 @@ from megatron_moma.config import (
     MoTOptions,
 )
 from megatron_moma.data.vocabulary import (
-    MODALITY_NAMES,
     VocabularyLayout,
     read_sidecar,
     sidecar_path,
 )
 from megatron_moma.modality import ModalityLayout
-from megatron_moma.modality.layout import Modality
 from megatron_moma.parallel.layout import ParallelLayout
 from megatron_moma.specs import backend
 from megatron_moma.training.arguments import ArgumentError, virtual_pipeline_size
@@ -49,29 +47,14 @@ def vocabulary(args: argparse.Namespace) -> VocabularyLayout:
     except FileNotFoundError:
         raise ArgumentError(f"--data-path {prefixes[0]}: no vocabulary sidecar {path} "
                             "(write the dataset with moma-preprocess)")
+    except ValueError as error:
+        raise ArgumentError(f"--data-path {prefixes[0]}: {error}") from error
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
     """Megatron-LM's padding: a multiple of --make-vocab-size-divisible-by x TP."""
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
-
-
-def modality_layout(vocab: VocabularyLayout) -> ModalityLayout:
-    """The model's modality layout for a dataset vocabulary, with the same modality ids.
-
-    The dataset numbers modalities by name (MODALITY_NAMES: text 0, image 1, speech 2); the
-    model by position in its layout. The ranges are put in name order, and a vocabulary that
-    skips a modality (speech without image) is refused, since its ids could not agree.
-    """
-    ranges = sorted(vocab.ranges, key=lambda r: MODALITY_NAMES.index(r.name))
-    names = [r.name for r in ranges]
-    if names != list(MODALITY_NAMES[1 : 1 + len(names)]):
-        raise ArgumentError(
-            f"the dataset vocabulary has modalities {names}; the model numbers modalities by "
-            f"position, so they must be the first of {list(MODALITY_NAMES[1:])} without gaps"
-        )
-    return ModalityLayout(tuple(Modality(r.name, r.first_id, r.last_id) for r in ranges))
 
 
 def _option_groups(args: argparse.Namespace) -> Dict[str, Optional[object]]:

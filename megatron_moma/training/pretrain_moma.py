@@ -93,7 +93,7 @@ def build_run(args) -> loop.Run:
                                      args.micro_batch_size, parallel_state.get_data_parallel_world_size())
     vocab = configs.vocabulary(args)
     vocab_size = _padded_vocab_size(args, vocab.vocab_size)
-    config = configs.transformer_config(args, configs.modality_layout(vocab))
+    config = configs.transformer_config(args, vocab.modality_layout)
     chunks = loop.build_model(args, config, vocab_size)
     optimizer, scheduler = loop.build_optimizer(args, chunks)
     run_config = _run_config(args, vocab, vocab_size, config)
