@@ -69,6 +69,7 @@ from megatron_moma.modality.context import ModalityContext, attach_context
 from megatron_moma.training.flops import forward_flops_per_token
 
 import machine
+from flops_matching import closest_num_layers
 
 # name: (hidden size, attention heads, FFN hidden size). 435m: the MoMa paper's 435M dense base
 # (SPEC.md section 8: 24 layers of these).
@@ -173,14 +174,14 @@ def flops_per_token(config: ModalityTransformerConfig, seq_length: int, image_sh
 
 
 def matched_num_layers(args, shape: str, variant: str, dense_layers: int) -> int:
-    """Layers of `variant` whose FLOPs per token are closest to `dense_layers` dense layers (only
-    MoD changes the count: its routed layers process c_d of the tokens)."""
+    """Layers of `variant` with the FLOPs per token of `dense_layers` dense layers (flops_matching)."""
     if VARIANTS[variant].mod is None:
         return dense_layers
     share = args.image_shares[0]
     target = flops_per_token(layer_config(args, shape, "dense", dense_layers), args.seq_length, share)
-    return min(range(dense_layers, 4 * dense_layers + 1), key=lambda n: abs(
-        flops_per_token(layer_config(args, shape, variant, n), args.seq_length, share) - target))
+    return closest_num_layers(
+        lambda n: flops_per_token(layer_config(args, shape, variant, n), args.seq_length, share),
+        target, dense_layers)
 
 
 # ----------------------------------------------------------------------------- one step
