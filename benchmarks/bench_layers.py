@@ -29,7 +29,8 @@ Tokens: `--micro-batch-size` sequences of `--seq-length`; each holds one image s
 Timing: every variant of a run is built in one process; after warm-up, each of `--iters` rounds
 times every variant once (the order rotating per round). `vs dense` is the median over rounds of
 (variant time / dense time of the same round), with the 25th-75th percentile range: a change of
-load on a shared machine hits both sides of each ratio.
+load on a shared machine hits both sides of each ratio. `--clock cpu` times the process's CPU time
+instead of wall time: with one thread, time other processes take from the cores does not count.
 
 Memory: the peak of one step above what was allocated before it (activations, gradients,
 workspaces; parameters are listed apart). CUDA: torch.cuda.max_memory_allocated. CPU: the peak of
@@ -42,7 +43,8 @@ training FLOPs) and MFU against the device's dense peak (PEAK_TFLOPS by device n
 `--peak-tflops`).
 
 `--profile-dir DIR` writes, per run and variant, torch's profiler table (self time by operator)
-and the operators whose self time grows most over dense's.
+and puts in the JSON the operators whose self time (median over `--profile-steps` rounds of one
+profiled step per variant) grows most over dense's.
 
     PYTHONPATH=. python benchmarks/bench_layers.py --json bench_layers.json
     PYTHONPATH=. python benchmarks/bench_layers.py --device cuda --dtype bf16 --runs 435m:4
@@ -124,6 +126,9 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--iters", type=int, default=10, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the process's CPU time (CPU only; robust to other processes on a "
+                             "shared machine when single-threaded, OMP_NUM_THREADS=1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                         help="default fp32 on cpu, bf16 on cuda")
@@ -133,7 +138,8 @@ def parse_args(argv=None):
                         help="the device's peak for MFU (default: PEAK_TFLOPS by device name)")
     parser.add_argument("--profile-dir", default=None,
                         help="write torch profiler tables per run and variant here")
-    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-steps", type=int, default=5,
+                        help="profiled rounds (per operator: the median over rounds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="bench_layers.json")
     args = parser.parse_args(argv)
@@ -142,6 +148,8 @@ def parse_args(argv=None):
         shape, _, layers = run.partition(":")
         if shape not in SHAPES or not layers.isdigit() or int(layers) < 1:
             parser.error(f"--runs {run!r}: expected SHAPE:LAYERS with SHAPE in {sorted(SHAPES)}")
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures CPU time: --device cpu only")
     if args.fp8 and args.device != "cuda":
         parser.error("--fp8 needs --device cuda (Transformer Engine)")
     if "dense" not in args.variants:
@@ -239,12 +247,15 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def seconds(step: Callable[[], None], device: str) -> float:
+def seconds(step: Callable[[], None], device: str, clock: str) -> float:
+    """Wall time of `step` (after the device finished), or with `clock="cpu"` the CPU time the
+    process spent in it (all its threads), which other processes on the machine do not inflate."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     step()
     synchronize(device)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def peak_step_bytes(step: Callable[[], None], device: str) -> int:
@@ -270,33 +281,41 @@ def peak_step_bytes(step: Callable[[], None], device: str) -> int:
 
 
 # ----------------------------------------------------------------------------- profiling
-def profile_self_ms(step: Callable[[], None], device: str, steps: int) -> Tuple[str, Dict[str, float]]:
-    """torch profiler over `steps` steps: (its table, self time per operator in ms per step)."""
+def profile_step(step: Callable[[], None], device: str) -> Tuple[str, Dict[str, float]]:
+    """torch profiler over one step: (its table, self time in ms per operator)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
+        step()
         synchronize(device)
     averages = prof.key_averages()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    table = averages.table(sort_by=key, row_limit=40)
-    return table, {event.key: getattr(event, key) / 1e3 / steps for event in averages}
+    return (averages.table(sort_by=key, row_limit=40),
+            {event.key: getattr(event, key) / 1e3 for event in averages})
 
 
-def write_profiles(directory: str, label: str, profiles: Dict[str, Tuple[str, Dict[str, float]]],
-                   top: int = 15) -> Dict[str, List[Tuple[str, float]]]:
-    """Each variant's table and its `top` operators by added self ms per step over dense."""
-    os.makedirs(directory, exist_ok=True)
-    dense = profiles["dense"][1]
+def profile_rounds(stacks: Dict[str, "Stack"], args, label: str, top: int = 15) -> Dict[str, list]:
+    """`--profile-steps` rounds of one profiled step per variant; per operator, the median over
+    the rounds of its self ms. Writes each variant's table (last round) and returns, per variant,
+    the `top` operators by median self ms added over dense's."""
+    os.makedirs(args.profile_dir, exist_ok=True)
+    rounds, tables = {name: [] for name in stacks}, {}
+    for _ in range(args.profile_steps):
+        for name, stack in stacks.items():
+            tables[name], self_ms = profile_step(stack.untimed_step, args.device)
+            rounds[name].append(self_ms)
+    medians = {}
+    for name, per_round in rounds.items():
+        with open(os.path.join(args.profile_dir, f"{label}_{name}.txt"), "w", encoding="utf-8") as out:
+            out.write(tables[name])
+        operators = set().union(*per_round)
+        medians[name] = {op: statistics.median(r.get(op, 0.0) for r in per_round) for op in operators}
     growth = {}
-    for variant, (table, self_ms) in profiles.items():
-        with open(os.path.join(directory, f"{label}_{variant}.txt"), "w", encoding="utf-8") as out:
-            out.write(table)
-        added = {op: ms - dense.get(op, 0.0) for op, ms in self_ms.items()}
-        growth[variant] = sorted(((op, round(ms, 3)) for op, ms in added.items()),
-                                 key=lambda item: -item[1])[:top]
+    for name, self_ms in medians.items():
+        added = {op: ms - medians["dense"].get(op, 0.0) for op, ms in self_ms.items()}
+        growth[name] = sorted(([op, round(ms, 3)] for op, ms in added.items()),
+                              key=lambda item: -item[1])[:top]
     return growth
 
 
@@ -333,7 +352,7 @@ def time_rounds(stacks: Dict[str, Stack], args) -> Dict[str, List[float]]:
     for round_index in range(args.iters):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(seconds(stacks[name].step, args.device))
+            times[name].append(seconds(stacks[name].step, args.device, args.clock))
             ROUTING_STATISTICS.report()
     return times
 
@@ -351,8 +370,6 @@ def run_one_share(args, shape: str, num_layers: int, stacks: Dict[str, Stack], s
     times = time_rounds(stacks, args)
     tokens = args.seq_length * args.micro_batch_size
     dense_flops = flops_per_token(stacks["dense"].config, args.seq_length, share)
-    label = f"{shape}x{num_layers}_image{share:g}"
-    profiles = {}
     rows = {}
     for name, stack in stacks.items():
         ratios = [t / d for t, d in zip(times[name], times["dense"])]
@@ -372,13 +389,12 @@ def run_one_share(args, shape: str, num_layers: int, stacks: Dict[str, Stack], s
         if peak is not None:
             row["mfu"] = row["achieved_tflops"] / peak
         rows[name] = row
-        if args.profile_dir:
-            profiles[name] = profile_self_ms(stack.untimed_step, args.device, args.profile_steps)
     result = {"shape": shape, "hidden_size": hidden_size, "num_attention_heads": SHAPES[shape][1],
               "ffn_hidden_size": SHAPES[shape][2], "dense_layers": num_layers,
               "image_share": share, "tokens": tokens, "variants": rows}
-    if profiles:
-        result["profile_self_ms_added_over_dense"] = write_profiles(args.profile_dir, label, profiles)
+    if args.profile_dir:
+        result["profile_self_ms_added_over_dense"] = profile_rounds(
+            stacks, args, f"{shape}x{num_layers}_image{share:g}")
     print_table(args, result, peak)
     return result
 
