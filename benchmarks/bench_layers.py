@@ -391,7 +391,8 @@ def run_one_share(args, shape: str, num_layers: int, stacks: Dict[str, Stack], s
         rows[name] = row
     result = {"shape": shape, "hidden_size": hidden_size, "num_attention_heads": SHAPES[shape][1],
               "ffn_hidden_size": SHAPES[shape][2], "dense_layers": num_layers,
-              "image_share": share, "tokens": tokens, "variants": rows}
+              "image_share": share, "tokens": tokens, "variants": rows,
+              "load_average_after": machine.load_average()}
     if args.profile_dir:
         result["profile_self_ms_added_over_dense"] = profile_rounds(
             stacks, args, f"{shape}x{num_layers}_image{share:g}")
@@ -403,7 +404,9 @@ def print_table(args, result: dict, peak: Optional[float]) -> None:
     print(f"\n{result['shape']} x {result['dense_layers']} layer(s) (hidden {result['hidden_size']}, "
           f"heads {result['num_attention_heads']}, ffn {result['ffn_hidden_size']}), "
           f"{args.micro_batch_size} x {args.seq_length} tokens, image share "
-          f"{result['image_share']:.0%}, {args.dtype}{' + fp8' if args.fp8 else ''} on {args.device}")
+          f"{result['image_share']:.0%}, {args.dtype}{' + fp8' if args.fp8 else ''} on {args.device}, "
+          f"{args.clock} clock, {torch.get_num_threads()} threads (load average after: "
+          f"{result['load_average_after']})")
     header = (f"{'variant':<15}{'layers':>7}{'FLOPs/dense':>12}{'fwd+bwd ms':>12}"
               f"{'vs dense':>10}{'(p25-p75)':>13}{'peak MB':>10}{'params MB':>11}{'TFLOP/s':>9}")
     print(header + (f"{'MFU':>7}" if peak else ""))

@@ -2,7 +2,7 @@
 
 import os
 import platform
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -19,12 +19,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> List[float]:
+    """The machine's 1, 5 and 15 minute load averages: how busy it was around a measurement."""
+    return [round(load, 2) for load in os.getloadavg()]
+
+
 def describe(device: str = "cpu") -> Dict[str, object]:
     """CPU model, cores, torch threads, library versions and, on CUDA, the GPU's name."""
     from importlib.metadata import version
 
     machine = {
         "cpu": cpu_model(),
+        "load_average_at_start": load_average(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

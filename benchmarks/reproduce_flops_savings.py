@@ -218,7 +218,8 @@ def train(run_dir: str, flags: List[str], label: str) -> dict:
                         threads_per_rank=torch.get_num_threads())[0]
     if code != 0:
         raise RuntimeError(f"{label}: pretrain_moma exited with code {code}")
-    record = {"flags": flags, "seconds": time.perf_counter() - start}
+    record = {"flags": flags, "seconds": time.perf_counter() - start,
+              "load_average_after": machine.load_average()}
     with open(os.path.join(partial, "run.json"), "w", encoding="utf-8") as record_file:
         json.dump(record, record_file, indent=2)
     replaced = run_dir + ".old"
@@ -346,6 +347,7 @@ def main(argv=None) -> int:
             curves.setdefault(name, {})[seed] = seed_curves
             runs.setdefault(name, {})[seed] = {
                 "flags": record["flags"], "seconds": record["seconds"],
+                "load_average_after": record["load_average_after"],
                 "total_flops": seed_curves["lm loss"].flops[-1],
                 "final_loss": {tag: smooth(seed_curves[tag], setting.smoothing_window).loss[-1]
                                for tag in LOSS_TAGS},
