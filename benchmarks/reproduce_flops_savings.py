@@ -40,6 +40,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_moma.data import preprocess, sample_corpus
+from megatron_moma.data.vocabulary import sidecar_path
 from megatron_moma.testing.multiprocess import run_on_ranks
 from megatron_moma.training import configs
 from megatron_moma.training.arguments import parse_args
@@ -142,6 +143,12 @@ def prepare_corpus(directory: str, num_images: int) -> str:
                             "--append-eod", "--workers", "1"]) != 0:
             raise RuntimeError("moma-preprocess failed")
     return prefix + "_text_document"
+
+
+def corpus_tokens(data_path: str) -> Dict[str, int]:
+    """Tokens of each modality in the corpus, as moma-preprocess recorded them (empty if not)."""
+    with open(sidecar_path(data_path), encoding="utf-8") as sidecar:
+        return json.load(sidecar).get("source", {}).get("tokens", {})
 
 
 def common_flags(setting: Setting, data_path: str, seed: int) -> List[str]:
@@ -255,8 +262,16 @@ def _factor_text(result: dict) -> str:
 def markdown(results: dict) -> str:
     setting, seeds = results["setting"], results["setting"]["seeds"]
     seed_names = ", ".join(f"seed {seed}" for seed in seeds)
+    tokens = setting["train_iters"] * setting["global_batch_size"] * setting["seq_length"]
+    corpus = sum(results["corpus_tokens"].values())
+    epochs = f" ({tokens / corpus:.1f} passes over the {corpus:,}-token corpus)" if corpus else ""
     lines = [
         "# FLOPs-saving factor against dense (training loss)",
+        "",
+        f"{setting['num_layers']} layers, hidden {setting['hidden_size']}, FFN "
+        f"{setting['ffn_hidden_size']}, {setting['num_attention_heads']} heads, sequences of "
+        f"{setting['seq_length']}; {setting['train_iters']} steps of {setting['global_batch_size']} "
+        f"sequences = {tokens:,} tokens per run{epochs}.",
         "",
         f"Each cell: {seed_names} (mean). The FLOPs dense needs to reach its own final training "
         f"loss / the FLOPs the model needs to reach it (smoothed over {setting['smoothing_window']} "
@@ -297,17 +312,23 @@ def plot(results: dict, curves, window: int, directory: str) -> List[str]:
     styles = ["-", "--", ":", "-."]
     for tag in LOSS_TAGS:
         figure, axes = plt.subplots(figsize=(8, 5))
+        smoothed = []
         for color, (name, per_seed) in enumerate(curves.items()):
             for index, (seed, seed_curves) in enumerate(per_seed.items()):
                 curve = smooth(seed_curves[tag], window)
+                smoothed.append(curve)
                 axes.plot(curve.flops, curve.loss, styles[index % len(styles)], color=f"C{color}",
                           label=f"{name} seed {seed}", linewidth=1.2)
+        # Zoom on where the factor is decided: from a fifth of the run to the lowest loss.
+        lowest = min(min(curve.loss) for curve in smoothed)
+        top = max(curve.loss[len(curve.loss) // 5] for curve in smoothed)
+        axes.set_ylim(lowest - 0.05 * (top - lowest), top)
         targets = [results["runs"]["dense"][seed]["final_loss"][tag] for seed in results["runs"]["dense"]]
         axes.axhline(statistics.mean(targets), color="black", linewidth=0.6,
                      label="dense final loss (mean of seeds)")
         axes.set_xlabel("training FLOPs")
         axes.set_ylabel(f"{TAG_NAMES[tag]} training loss (smoothed)")
-        axes.set_title(f"{TAG_NAMES[tag]} loss vs FLOPs, digits corpus")
+        axes.set_title(f"{TAG_NAMES[tag]} training loss vs FLOPs, digits corpus (from 1/5 of the run)")
         axes.legend(fontsize=7, ncol=2)
         axes.grid(alpha=0.3)
         path = os.path.join(directory, PLOT_NAMES[tag])
@@ -356,7 +377,10 @@ def main(argv=None) -> int:
         "machine": machine.describe("cpu"),
         "command": " ".join(sys.argv),
         "setting": asdict(setting),
-        "total_seconds": time.perf_counter() - started,
+        "corpus_tokens": corpus_tokens(data_path),
+        "training_seconds": sum(run["seconds"] for per_seed in runs.values()
+                                for run in per_seed.values()),
+        "script_seconds": time.perf_counter() - started,
         "runs": runs,
         "saving_factors": analyse(curves, args.names, setting.seeds, setting.smoothing_window),
         "paper": PAPER,
