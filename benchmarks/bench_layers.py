@@ -56,7 +56,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -71,6 +70,7 @@ from megatron_moma.modality.context import ModalityContext, attach_context
 from megatron_moma.training.flops import forward_flops_per_token
 
 import machine
+from atomic_files import write_text
 from flops_matching import closest_num_layers
 
 # name: (hidden size, attention heads, FFN hidden size). 435m: the MoMa paper's 435M dense base
@@ -434,15 +434,6 @@ def run(args, shape: str, num_layers: int, peak: Optional[float]) -> List[dict]:
             torch.cuda.empty_cache()
 
 
-def write_json(path: str, results: dict) -> None:
-    """All or nothing: a temporary file in the same directory, renamed over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False,
-                                     encoding="utf-8") as out:
-        json.dump(results, out, indent=2)
-    os.replace(out.name, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.core import parallel_state
@@ -459,7 +450,7 @@ def main(argv=None) -> int:
     for spec in args.runs:
         shape, _, layers = spec.partition(":")
         results["runs"] += run(args, shape, int(layers), peak)
-    write_json(args.json, results)
+    write_text(args.json, json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()

@@ -32,10 +32,9 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -48,6 +47,7 @@ from megatron_moma.training.flops import forward_flops_per_token
 from megatron_moma.training.flops_savings import LOSS_TAGS, read_loss_curves, saving_factor, smooth
 
 import machine
+from atomic_files import save_png, write_text
 from flops_matching import closest_num_layers
 
 STAGE_ONE = ["--moma-no-aux-router", "--moma-inference-routing", "expert_choice"]
@@ -332,19 +332,10 @@ def plot(results: dict, curves, window: int, directory: str) -> List[str]:
         axes.legend(fontsize=7, ncol=2)
         axes.grid(alpha=0.3)
         path = os.path.join(directory, PLOT_NAMES[tag])
-        with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as out:
-            figure.savefig(out, format="png", dpi=120, bbox_inches="tight")
+        save_png(figure, path)
         plt.close(figure)
-        os.replace(out.name, path)
         paths.append(path)
     return paths
-
-
-def write_atomically(path: str, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False,
-                                     encoding="utf-8") as out:
-        out.write(text)
-    os.replace(out.name, path)
 
 
 def main(argv=None) -> int:
@@ -385,9 +376,9 @@ def main(argv=None) -> int:
         "saving_factors": analyse(curves, args.names, setting.seeds, setting.smoothing_window),
         "paper": PAPER,
     }
-    write_atomically(os.path.join(output, "results.json"), json.dumps(results, indent=2))
+    write_text(os.path.join(output, "results.json"), json.dumps(results, indent=2))
     table = markdown(results)
-    write_atomically(os.path.join(output, "results.md"), table)
+    write_text(os.path.join(output, "results.md"), table)
     plot(results, curves, setting.smoothing_window, output)
     print("\n" + table + f"\nwrote {output}/results.json, results.md and loss_vs_flops_*.png",
           flush=True)
