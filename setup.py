@@ -69,7 +69,9 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         # The sample corpus reads scikit-learn's bundled digits (no download).
         "data": ["scikit-learn"],
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "transformers>=4.56"],
+        # benchmarks/reproduce_flops_savings.py draws its loss-vs-FLOPs curves with it.
+        "bench": ["matplotlib", "scikit-learn"],
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "transformers>=4.56", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

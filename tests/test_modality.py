@@ -43,3 +43,23 @@ def test_a_modality_with_no_token_has_empty_rows():
     index = ModalityIndex.from_batch(torch.zeros(2, 3, dtype=torch.long), num_modalities=2)
     assert index.counts == [6, 0]
     assert index.rows(1).numel() == 0
+
+
+def test_group_lays_rows_out_by_modality_and_ungroup_restores_token_order():
+    modality_ids = torch.tensor([[1, 0, 2], [0, 1, 1]])  # rows (see above): modalities 1 0 0 1 2 1
+    index = ModalityIndex.from_batch(modality_ids, num_modalities=3)
+    rows = torch.arange(6.0).unsqueeze(1) * torch.tensor([1.0, 10.0])  # [6, 2], row r = (r, 10r)
+    grouped = index.group(rows)
+    assert grouped[:, 0].tolist() == [1, 2, 0, 3, 5, 4]
+    assert [part[:, 0].tolist() for part in index.split(grouped)] == [[1, 2], [0, 3, 5], [4]]
+    assert torch.equal(index.ungroup(grouped), rows)
+
+
+def test_group_and_ungroup_gradients_are_the_inverse_permutations():
+    index = ModalityIndex.from_batch(torch.tensor([[1, 0, 2, 0], [0, 1, 1, 2]]), num_modalities=3)
+    rows = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(8, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: index.group(x) * weights, (rows,))
+    assert torch.autograd.gradcheck(lambda x: index.ungroup(x) * weights, (rows,))
+    (index.group(rows) * weights).sum().backward()
+    torch.testing.assert_close(rows.grad, weights[index.inverse_permutation])

@@ -81,3 +81,20 @@ def test_missing_lr_and_data_path_are_errors():
         parse_args([a for a in REQUIRED if a not in ("--lr", "1e-3")])
     with pytest.raises(ArgumentError, match="--data-path is required"):
         parse_args(REQUIRED[:-2])
+
+
+def test_one_expert_group_on_mixed_modal_data_is_the_mixed_moe_baseline():
+    """`--moma-experts-per-modality 8` on text+image data: the paper's moe_8x, one group over
+    every modality (the model sees one modality); with MoT it is refused."""
+    from megatron_moma.modality import ModalityLayout
+    from megatron_moma.training.configs import transformer_config
+
+    data = ModalityLayout.text_and_image(100, 199)
+    moma = ["--disable-bias-linear", "--moma-experts-per-modality", "8"]
+    config = transformer_config(parse_args(REQUIRED + ["--architecture", "moma"] + moma), data)
+    assert config.modality_layout.names == ("text",) and config.moma.experts_per_modality == (8,)
+    per_modality = transformer_config(parse_args(REQUIRED + ["--architecture", "moma", "--disable-bias-linear",
+                                                             "--moma-experts-per-modality", "4", "4"]), data)
+    assert per_modality.modality_layout == data
+    with pytest.raises(ArgumentError, match="one expert group for every modality.*needs --architecture moma"):
+        transformer_config(parse_args(REQUIRED + ["--architecture", "mot+moma"] + moma), data)

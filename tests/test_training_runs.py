@@ -77,7 +77,8 @@ def test_resume_under_another_layout_tp2_ep2_to_one_rank(data_path, tmp_path):
     ["--architecture", "mot"],
     ["--architecture", "mot+moma", "--moma-experts-per-modality", "2", "2"],
     ["--architecture", "moma", "--mod", "--mod-capacity", "0.5"],
-], ids=["dense", "moma", "mot", "mot+moma", "moma+mod"])
+    ["--architecture", "moma", "--moma-experts-per-modality", "4"],
+], ids=["dense", "moma", "mot", "mot+moma", "moma+mod", "moe_4x_mixed"])
 def test_every_architecture_reduces_the_loss(data_path, tmp_path, architecture):
     root = str(tmp_path)
     argv = _args(data_path, root, "run", 30, *architecture, "--global-batch-size", "4",
@@ -99,6 +100,10 @@ def test_every_architecture_reduces_the_loss(data_path, tmp_path, architecture):
         taken = [_scalars(os.path.join(root, "tb-run"), f"moma/layer001/image/tokens_taken_by_{n}")[30]
                  for n in ("0", "1", "2plus")]
         assert sum(taken) == pytest.approx(1.0) and taken[0] > 0
+    if architecture[-1:] == ["4"]:  # one expert group over text and image tokens
+        tags = EventAccumulator(os.path.join(root, "tb-run")).Reload().Tags()["scalars"]
+        assert "moma/layer001/text/expert3_load" in tags
+        assert not [tag for tag in tags if tag.startswith("moma/layer001/image")]
     if "--mod" in architecture:  # MoD on layer 1 only, half of each 32-token sequence
         assert set(_scalars(os.path.join(root, "tb-run"), "mod/layer001/selection_rate").values()) == {0.5}
 

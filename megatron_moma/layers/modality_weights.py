@@ -4,8 +4,10 @@ A component is *untied* (one weight per modality, named after it: `weight.text`,
 `weight.image`) or *tied* (one `weight.shared` for every token): the same module serves MoT's
 untied layers and the dense layer they are compared with.
 
-Row selection uses the micro-batch's `ModalityIndex`: rows of each modality are gathered,
-multiplied by that modality's weight, and put back in token order.
+Row selection uses the micro-batch's `ModalityIndex`: rows are grouped by modality (one row
+gather), each modality's contiguous block is multiplied by that modality's weight, and the blocks
+are put back in token order (one gather). Callers that chain several per-modality steps (the
+MoT sublayers) group once, run every step on the grouped rows, and ungroup once.
 """
 
 from typing import Sequence
@@ -31,8 +33,15 @@ def apply_per_modality(fn, rows: torch.Tensor, index: ModalityIndex, names: Sequ
     """Apply `fn(name, rows_of_that_modality)` per weight set; rows [n, ...] in token order."""
     if len(names) == 1:
         return fn(names[0], rows)
-    parts = [fn(name, rows[index.rows(m)]) for m, name in enumerate(names)]
-    return torch.cat(parts)[index.inverse_permutation]
+    return index.ungroup(apply_grouped(fn, index.group(rows), index, names))
+
+
+def apply_grouped(fn, grouped: torch.Tensor, index: ModalityIndex, names: Sequence[str]):
+    """`apply_per_modality` on rows already grouped by modality (`index.group`); the output
+    [n, ...] stays grouped."""
+    if len(names) == 1:
+        return fn(names[0], grouped)
+    return torch.cat([fn(name, part) for name, part in zip(names, index.split(grouped))])
 
 
 class ModalityLinear(MegatronModule):
@@ -63,10 +72,17 @@ class ModalityLinear(MegatronModule):
             weight.partition_stride = 1
             self.weight[name] = weight
 
+    def project(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """rows [n, in (local)] of weight set `name` (a modality, or `shared`) -> [n, out (local)]."""
+        return F.linear(rows, self.weight[name])
+
     def forward(self, rows: torch.Tensor, index: ModalityIndex) -> torch.Tensor:
-        """rows [n, in (local)] -> [n, out (local)]."""
-        return apply_per_modality(lambda name, x: F.linear(x, self.weight[name]), rows, index,
-                                  self.names)
+        """rows [n, in (local)] in token order -> [n, out (local)] in token order."""
+        return apply_per_modality(self.project, rows, index, self.names)
+
+    def forward_grouped(self, grouped: torch.Tensor, index: ModalityIndex) -> torch.Tensor:
+        """rows [n, in (local)] grouped by modality (`index.group`) -> [n, out (local)], grouped."""
+        return apply_grouped(self.project, grouped, index, self.names)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state_dict = self.state_dict(prefix="", keep_vars=True)
@@ -103,6 +119,10 @@ class ModalityNorm(MegatronModule, ModalityAware):
     def normalize(self, rows: torch.Tensor, index: ModalityIndex) -> torch.Tensor:
         """rows [n, ..., hidden] in the token order of `index` -> same shape."""
         return apply_per_modality(self._norm, rows, index, self.names)
+
+    def normalize_grouped(self, grouped: torch.Tensor, index: ModalityIndex) -> torch.Tensor:
+        """rows [n, ..., hidden] grouped by modality (`index.group`) -> same shape, grouped."""
+        return apply_grouped(self._norm, grouped, index, self.names)
 
     def _norm(self, name, x):
         shape = x.shape[-1:]

@@ -10,7 +10,9 @@ For each modality m, with I_m the rows of m:
 Tensor parallelism splits heads and FFN columns as Megatron does. Each sublayer enters the
 tensor-parallel region once (all-gather of the sequence under SP, identity otherwise), runs every
 modality's projection on its rows, and leaves it once (reduce-scatter under SP, all-reduce
-otherwise): the per-modality split adds row gathers, never collectives.
+otherwise): the per-modality split adds row gathers, never collectives. Rows are grouped by
+modality once per step that needs it: once for Q, K and V together, once for the output
+projection, once for the whole FFN (gate, up and down run on each modality's contiguous block).
 """
 
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_moma.layers.modality_weights import ModalityLinear, ModalityNorm
+from megatron_moma.layers.modality_weights import ModalityLinear, ModalityNorm, apply_per_modality
 from megatron_moma.modality.context import ModalityAware
 
 
@@ -112,13 +114,7 @@ class MoTSelfAttention(_PostNorm):
         index = self.modality_index()
         full = enter_tensor_parallel_region(self.config, hidden_states)
         s, b, h = full.shape
-        rows = full.reshape(s * b, h)
-        q = self.linear_q(rows, index).view(s * b, self.heads_per_rank, self.head_dim)
-        k = self.linear_k(rows, index).view(s * b, self.groups_per_rank, self.head_dim)
-        v = self.linear_v(rows, index).view(s * b, self.groups_per_rank, self.head_dim)
-        if self.q_layernorm is not None:
-            q = self.q_layernorm.normalize(q, index)
-            k = self.k_layernorm.normalize(k, index)
+        q, k, v = self._project_qkv(full.reshape(s * b, h), index)
         q, k, v = (t.view(s, b, t.shape[1], self.head_dim) for t in (q, k, v))
         if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
@@ -128,6 +124,20 @@ class MoTSelfAttention(_PostNorm):
         projected = self.linear_proj(context.reshape(s * b, -1), index)
         output = leave_tensor_parallel_region(self.config, projected.view(s, b, h))
         return self._maybe_post_norm(output), None
+
+    def _project_qkv(self, rows: torch.Tensor, index):
+        """rows [n, h] in token order -> q [n, heads, head_dim], k and v [n, groups, head_dim]
+        in token order (q and k QK-normed when configured). Untied, the rows are grouped by
+        modality once for the three projections and the QK-norms."""
+        untied = len(self.linear_q.names) > 1
+        x = index.group(rows) if untied else rows
+        q = self.linear_q.forward_grouped(x, index).view(-1, self.heads_per_rank, self.head_dim)
+        k = self.linear_k.forward_grouped(x, index).view(-1, self.groups_per_rank, self.head_dim)
+        v = self.linear_v.forward_grouped(x, index).view(-1, self.groups_per_rank, self.head_dim)
+        if self.q_layernorm is not None:
+            q = self.q_layernorm.normalize_grouped(q, index)
+            k = self.k_layernorm.normalize_grouped(k, index)
+        return [index.ungroup(t) for t in (q, k, v)] if untied else [q, k, v]
 
 
 class MoTMLP(_PostNorm):
@@ -150,8 +160,12 @@ class MoTMLP(_PostNorm):
         index = self.modality_index()
         full = enter_tensor_parallel_region(self.config, hidden_states)
         s, b, h = full.shape
-        rows = full.reshape(s * b, h)
-        intermediate = F.silu(self.linear_gate(rows, index)) * self.linear_up(rows, index)
-        projected = self.linear_down(intermediate, index)
+        projected = apply_per_modality(self._ffn, full.reshape(s * b, h), index,
+                                       self.linear_gate.names)
         output = leave_tensor_parallel_region(self.config, projected.view(s, b, h))
         return self._maybe_post_norm(output), None
+
+    def _ffn(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """rows [n, h] of weight set `name` -> [n, h]: the whole SwiGLU on one modality's rows."""
+        gate = self.linear_gate.project(name, rows)
+        return self.linear_down.project(name, F.silu(gate) * self.linear_up.project(name, rows))

@@ -9,11 +9,30 @@ is row `s_i * b + b_i` of the flattened [s * b, h] view. Under sequence parallel
 parallel rank r holds the contiguous rows of sequence chunk r; `chunk(r, num_chunks)` gives the
 index of those rows, and `chunk_counts(num_chunks)` how many tokens of each modality every chunk
 holds (what an expert-choice router needs to gather scores across the chunks).
+
+`group(rows)` lays rows out modality by modality (`split` then gives each modality's rows as a
+contiguous view) and `ungroup` puts them back in token order: one row gather each way, forward
+and backward, since the gradient of a permutation is the inverse permutation (indexing with
+`rows[idx]` would scatter-add its gradient into zeros, several times slower on CPU).
 """
 
 from typing import List
 
 import torch
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out = x[order] for a permutation `order` of x's rows; grad_x = grad_out[inverse]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 class ModalityIndex:
@@ -56,6 +75,19 @@ class ModalityIndex:
     def rows(self, modality: int) -> torch.Tensor:
         """[counts[modality]] int64: the rows of `modality`, increasing."""
         return self.permutation[self.offsets[modality] : self.offsets[modality + 1]]
+
+    def group(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [n, ...] in token order -> [n, ...] grouped by modality (modality m at
+        `offsets[m]:offsets[m + 1]`, in token order within it). Differentiable."""
+        return _PermuteRows.apply(rows, self.permutation, self.inverse_permutation)
+
+    def ungroup(self, grouped: torch.Tensor) -> torch.Tensor:
+        """The inverse of `group`: [n, ...] grouped by modality -> token order. Differentiable."""
+        return _PermuteRows.apply(grouped, self.inverse_permutation, self.permutation)
+
+    def split(self, grouped: torch.Tensor) -> List[torch.Tensor]:
+        """Views of each modality's rows of a `group`ed tensor: [counts[m], ...] per modality."""
+        return list(grouped.split(self.counts))
 
     def chunk(self, rank: int, num_chunks: int) -> "ModalityIndex":
         """Index of the rows of sequence chunk `rank` of `num_chunks` (sequence parallelism)."""

@@ -95,7 +95,8 @@ def _architecture(parser):
     group.add_argument("--architecture", choices=ARCHITECTURES, default="dense")
     group.add_argument("--mod", action="store_true", help="Mixture-of-Depths layers")
     group.add_argument("--moma-experts-per-modality", type=int, nargs="+", default=[1, 1],
-                       help="experts of each modality group, text first: 4 4 is MoMa 4t4i")
+                       help="experts of each modality group, text first: 4 4 is MoMa 4t4i; "
+                            "one value is one group for every modality (8: the paper's moe_8x)")
     group.add_argument("--moma-routing", choices=MOMA_ROUTINGS, default="expert_choice")
     group.add_argument("--moma-capacity-factor", type=float, default=1.0)
     group.add_argument("--moma-token-choice-topk", type=int, default=1)

@@ -57,6 +57,22 @@ def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def routing_layout(args: argparse.Namespace, data_layout: ModalityLayout) -> ModalityLayout:
+    """The modality layout the model is built with: the data's, except for MoMa with a single
+    expert group on mixed-modal data (`--moma-experts-per-modality 8`: the MoMa paper's moe_8x
+    baseline), whose experts take tokens of every modality: the model then sees one modality
+    (its group and parameters are named `text`), while the losses stay per data modality."""
+    single_group = "moma" in args.architecture and len(args.moma_experts_per_modality) == 1
+    if not single_group or data_layout.num_modalities == 1:
+        return data_layout
+    if args.architecture != "moma":
+        raise ArgumentError(
+            f"--moma-experts-per-modality {args.moma_experts_per_modality[0]} (one expert group "
+            f"for every modality) needs --architecture moma, not {args.architecture}: MoT unties "
+            f"every layer by modality")
+    return ModalityLayout()
+
+
 def _option_groups(args: argparse.Namespace) -> Dict[str, Optional[object]]:
     moma = mot = mod = None
     if "moma" in args.architecture:
@@ -97,7 +113,8 @@ def fp8_fields(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> ModalityTransformerConfig:
-    """The model's config; ValueErrors from the option groups become ArgumentErrors."""
+    """The model's config for data of modality layout `layout` (the model's own layout is
+    `routing_layout`'s); ValueErrors from the option groups become ArgumentErrors."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     try:
         return ModalityTransformerConfig(
@@ -126,7 +143,7 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
             **parallel_layout(args).transformer_config_fields(),
             # gloo pairs batched sends by posting order (CPU_NOTES.md): one at a time on CPU.
             batch_p2p_comm=args.device != "cpu",
-            modality_layout=layout,
+            modality_layout=routing_layout(args, layout),
             moe_grouped_gemm=args.moe_grouped_gemm,
             **fp8_fields(args),
             **_option_groups(args),

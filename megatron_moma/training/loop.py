@@ -30,6 +30,7 @@ from megatron_moma.config import ModalityTransformerConfig
 from megatron_moma.layers.aux_loss import scale_auxiliary_losses
 from megatron_moma.models import build_gpt_model
 from megatron_moma.models.aux_router_stage import train_only_auxiliary_routers
+from megatron_moma.modality import ModalityLayout
 from megatron_moma.training import checkpointing, data
 from megatron_moma.training.arguments import ArgumentError
 from megatron_moma.training.checkpointing import TrainState
@@ -58,6 +59,11 @@ class Run:
     logger: TrainingLogger
     state: TrainState
     run_config: Dict
+    data_layout: ModalityLayout  # the dataset's modalities: the losses are reported per modality
+
+    @property
+    def loss_names(self) -> List[str]:
+        return ["lm loss"] + [f"{name} loss" for name in self.data_layout.names]
 
 
 def build_model(args, config: ModalityTransformerConfig, vocab_size: int) -> List[DistributedDataParallel]:
@@ -126,12 +132,14 @@ def _loss_func(batch: data.Batch, names: Tuple[str, ...], layout, output_tensor:
     return loss_sum, count.int(), reported
 
 
-def _forward_step(device: str, data_iterator, model):
+def _forward_step(device: str, data_layout: ModalityLayout, data_iterator, model):
+    """The batch's modality ids go to the model when it routes by the data's modalities; a model
+    with one mixed expert group derives its own (all text) from the tokens."""
     batch = {k: v.to(device) for k, v in next(data_iterator).items()}
-    config = model.config
+    same_layout = model.config.modality_layout == data_layout
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                   modality_ids=batch["modality_ids"])
-    return output, partial(_loss_func, batch, config.modality_layout.names, config.modality_layout)
+                   modality_ids=batch["modality_ids"] if same_layout else None)
+    return output, partial(_loss_func, batch, data_layout.names, data_layout)
 
 
 def _global_loss_sums(loss_dicts, names: List[str], device) -> torch.Tensor:
@@ -146,16 +154,14 @@ def _global_loss_sums(loss_dicts, names: List[str], device) -> torch.Tensor:
     return sums
 
 
-def _global_token_counts(batches: List[data.Batch], num_modalities: int) -> torch.Tensor:
-    """[num_modalities] input tokens of each modality in the global batch."""
-    counts = torch.stack([torch.bincount(b["modality_ids"].reshape(-1), minlength=num_modalities)
-                          for b in batches]).sum(0).double()
+def _global_token_counts(batches: List[data.Batch], layout: ModalityLayout) -> torch.Tensor:
+    """[num_modalities] input tokens of each of the model's modalities in the global batch."""
+    counts = torch.stack([
+        torch.bincount(layout.modality_ids(b["tokens"]).reshape(-1), minlength=layout.num_modalities)
+        for b in batches
+    ]).sum(0).double()
     torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts
-
-
-def _loss_names(config) -> List[str]:
-    return ["lm loss"] + [f"{name} loss" for name in config.modality_layout.names]
 
 
 def _as_means(sums: torch.Tensor, names: List[str]) -> Dict[str, float]:
@@ -166,7 +172,7 @@ def _as_means(sums: torch.Tensor, names: List[str]) -> Dict[str, float]:
 def _forward_backward(run: Run, batches: List[data.Batch], forward_only: bool):
     scale_auxiliary_losses(len(batches))
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, run.args.device),
+        forward_step_func=partial(_forward_step, run.args.device, run.data_layout),
         data_iterator=data.batch_iterators(batches, len(run.chunks)),
         model=run.chunks,
         num_microbatches=len(batches),
@@ -191,14 +197,14 @@ def train_step(run: Run) -> StepMetrics:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     loss_dicts = _forward_backward(run, batches, forward_only=False)
-    names = _loss_names(run.config)
+    names = run.loss_names
     losses = _as_means(_global_loss_sums(loss_dicts, names, args.device), names)
     _check_finite(losses.get("lm loss", 0.0), "the lm loss", state.iteration + 1)
     _, grad_norm, num_zeros = run.optimizer.step()
     _check_finite(grad_norm, "the gradient norm", state.iteration + 1)
     run.scheduler.step(increment=args.global_batch_size)
-    counts = _global_token_counts(batches, run.config.modality_layout.num_modalities)
-    tokens = dict(zip(run.config.modality_layout.names, counts.tolist()))
+    layout = run.config.modality_layout
+    tokens = dict(zip(layout.names, _global_token_counts(batches, layout).tolist()))
     return StepMetrics(losses=losses, tokens=tokens, grad_norm=float(grad_norm),
                        learning_rate=run.optimizer.param_groups[0]["lr"], num_zeros=num_zeros)
 
@@ -209,7 +215,7 @@ def evaluate(run: Run) -> Dict[str, float]:
     eval mode: MoMa/MoD route by their --*-inference-routing)."""
     for chunk in run.chunks:
         chunk.eval()
-    names = _loss_names(run.config)
+    names = run.loss_names
     sums = torch.zeros(2 * len(names), dtype=torch.float64, device=run.args.device)
     for step in range(run.args.eval_iters):
         batches = data.micro_batches(run.splits.valid, step * run.args.global_batch_size, run.args)

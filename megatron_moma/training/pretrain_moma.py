@@ -93,7 +93,8 @@ def build_run(args) -> loop.Run:
                                      args.micro_batch_size, parallel_state.get_data_parallel_world_size())
     vocab = configs.vocabulary(args)
     vocab_size = _padded_vocab_size(args, vocab.vocab_size)
-    config = configs.transformer_config(args, vocab.modality_layout)
+    data_layout = vocab.modality_layout
+    config = configs.transformer_config(args, data_layout)
     chunks = loop.build_model(args, config, vocab_size)
     optimizer, scheduler = loop.build_optimizer(args, chunks)
     run_config = _run_config(args, vocab, vocab_size, config)
@@ -115,7 +116,7 @@ def build_run(args) -> loop.Run:
                     optimizer=optimizer, scheduler=scheduler, splits=data.build_splits(args, vocab),
                     logger=TrainingLogger(args.train_iters, args.log_interval, args.tensorboard_dir,
                                           args.tensorboard_log_interval),
-                    state=state, run_config=run_config)
+                    state=state, run_config=run_config, data_layout=data_layout)
 
 
 def pretrain(argv: Optional[List[str]] = None) -> int:
