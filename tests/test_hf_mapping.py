@@ -41,6 +41,7 @@ VARIANTS: Dict[str, List[str]] = {
              "--num-query-groups", "2", "--kv-channels", "12"],
     "moma-token-choice": ["--architecture", "moma", *MOMA, "--moma-routing", "token_choice",
                           "--moma-experts-per-modality", "3", "2", "--moma-token-choice-topk", "2"],
+    "moe_8x": ["--architecture", "moma", *MOMA, "--moma-experts-per-modality", "4"],
     "mot": ["--architecture", "mot", "--swiglu", "--normalization", "RMSNorm",
             "--position-embedding-type", "rope", "--qk-layernorm", "--group-query-attention",
             "--num-query-groups", "2", "--kv-channels", "16"],

@@ -21,7 +21,7 @@ from megatron_moma.hf.modeling_moma import MoMaForCausalLM
 # fp32 logits of O(1): the two sides differ only in the order of floating-point operations
 # (measured: at most 2.3e-6, logits up to 6).
 LOGITS_ATOL = 1e-5
-ROUTED = ["moma", "moma-token-choice", "mot+moma", "dense+mod", "moma+mod", "mot+mod"]
+ROUTED = ["moma", "moma-token-choice", "moe_8x", "mot+moma", "dense+mod", "moma+mod", "mot+mod"]
 
 
 @functools.lru_cache(maxsize=None)

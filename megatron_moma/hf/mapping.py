@@ -111,8 +111,9 @@ def hf_config_from_run_config(run_config: Dict[str, Any]) -> MoMaConfig:
     args = argparse.Namespace(**run_config["arguments"])
     _check_supported(args)
     vocabulary = VocabularyLayout.from_dict(run_config["vocabulary"])
-    layout = vocabulary.modality_layout
-    model = configs.transformer_config(args, layout)  # validates the flags as the trainer does
+    # The model's own layout: the vocabulary's, or text alone for one expert group over every
+    # modality (moe_8x), whose experts see every token whatever its modality.
+    model = configs.transformer_config(args, vocabulary.modality_layout)  # validates the flags
     if run_config.get("architecture", model.architecture) != model.architecture:
         raise ValueError(f"run config: architecture {run_config['architecture']!r} does not match "
                          f"its flags (--architecture {args.architecture}, --mod {args.mod}), which "
@@ -126,7 +127,7 @@ def hf_config_from_run_config(run_config: Dict[str, Any]) -> MoMaConfig:
         **fields,
         vocab_size=run_config["padded_vocab_size"],
         num_key_value_heads=model.num_query_groups,
-        modality_names=list(layout.names),
+        modality_names=list(model.modality_layout.names),
         vocabulary=vocabulary.to_dict(),
         **_special_tokens(vocabulary),
         architectures=[MoMaForCausalLM.__name__],
