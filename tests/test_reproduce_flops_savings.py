@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from megatron_moma.training.flops_savings import LOSS_TAGS
 
@@ -21,7 +22,13 @@ def reproduce(monkeypatch):
         "reproduce_flops_savings", os.path.join(BENCHMARKS, "reproduce_flops_savings.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    # The script forks its trainer with the parent's thread count. GNU OpenMP cannot start a
+    # thread team in a child forked after the parent used one (this pytest process has; a fresh
+    # `python reproduce_flops_savings.py` has not), so the runs here are single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield module
+    torch.set_num_threads(threads)
 
 
 def test_quick_run_writes_factors_table_and_plots_and_reuses_finished_runs(reproduce, tmp_path, capsys):
