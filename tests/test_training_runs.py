@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_moma.testing.multiprocess import run_on_ranks
 from megatron_moma.testing.trainer_runs import MOMA_2T2I
