@@ -105,7 +105,7 @@ def build_megatron(run_config_flags: List[str]):
     """This rank's world-size-1 ModalityGPTModel for the flags, as the trainer builds it."""
     from megatron_moma.models import build_gpt_model
     from megatron_moma.training import configs
-    from megatron_moma.training.pretrain_moma import _run_config
+    from megatron_moma.training.checkpointing import make_run_config
 
     args = parse_args(run_config_flags)
     padded = configs.padded_vocab_size(VOCABULARY.vocab_size, args)
@@ -114,7 +114,7 @@ def build_megatron(run_config_flags: List[str]):
         config, padded, args.max_position_embeddings, use_te=False,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
-    return model, _run_config(args, VOCABULARY, padded, config)
+    return model, make_run_config(args, VOCABULARY, padded, config.architecture, world_size=1)
 
 
 def megatron_logits(model, tokens: torch.Tensor, labels=None) -> torch.Tensor:

@@ -57,12 +57,6 @@ def _set_seeds(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def _run_config(args, vocab, padded_vocab_size: int, config) -> dict:
-    """The run's full configuration, saved beside every checkpoint as run_config.json."""
-    return checkpointing.make_run_config(args, vocab, padded_vocab_size, config.architecture,
-                                         torch.distributed.get_world_size())
-
-
 def _same_layout(root: str, run_config: dict) -> bool:
     iteration = checkpointing.read_tracker(root)
     saved = checkpointing.read_run_config(checkpointing.checkpoint_dir(root, iteration))
@@ -97,7 +91,8 @@ def build_run(args) -> loop.Run:
     config = configs.transformer_config(args, data_layout)
     chunks = loop.build_model(args, config, vocab_size)
     optimizer, scheduler = loop.build_optimizer(args, chunks)
-    run_config = _run_config(args, vocab, vocab_size, config)
+    run_config = checkpointing.make_run_config(args, vocab, vocab_size, config.architecture,
+                                              torch.distributed.get_world_size())
     state = TrainState()
     if args.load and checkpointing.read_tracker(args.load) is not None:
         loaded = checkpointing.load_checkpoint(
