@@ -16,7 +16,7 @@ from test_hf_mapping import VARIANTS, VOCABULARY, megatron_runs
 from transformers import AutoModelForCausalLM
 
 from megatron_moma.hf import mapping
-from megatron_moma.hf.modeling_moma import MoMaForCausalLM
+from megatron_moma.hf.modeling_moma import CACHE_FIELD, MoMaForCausalLM
 
 # fp32 logits of O(1): the two sides differ only in the order of floating-point operations
 # (measured: at most 2.3e-6, logits up to 6).
@@ -111,10 +111,40 @@ def test_chunk_by_chunk_cached_forward_equals_the_full_forward(name):
         full = model(tokens, use_cache=False).logits
         cache, logits = None, []
         for start, end in zip(bounds, bounds[1:]):
-            step = model(tokens[:, start:end], past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
+            step = model(tokens[:, start:end], **{CACHE_FIELD: cache}, use_cache=True)
+            cache = getattr(step, CACHE_FIELD)
             logits.append(step.logits)
     torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam"])
+def test_generate_with_the_default_cache_equals_generate_without_cache(name, num_beams):
+    """`generate` as a user calls it: no cache argument, so the saved generation config's
+    `use_cache=True` applies and transformers makes (or asks the model for) the cache."""
+    model = hf_model(name)
+    prompt = megatron_runs()[name].tokens[:, :6]
+    options = dict(max_new_tokens=6, num_beams=num_beams, do_sample=False, eos_token_id=None,
+                   pad_token_id=VOCABULARY.eod)
+    assert model.generation_config.use_cache
+    assert torch.equal(model.generate(prompt, **options),
+                       model.generate(prompt, use_cache=False, **options))
+
+
+def test_the_cache_is_taken_under_either_name_and_returned_under_the_running_name():
+    model = hf_model("moma+mod")
+    tokens = megatron_runs()["moma+mod"].tokens
+    with torch.no_grad():
+        full = model(tokens, use_cache=False).logits
+        for name in ("past_key_values", "cache"):
+            first = model(tokens[:, :7], use_cache=True)
+            cache = getattr(first, CACHE_FIELD)
+            assert cache.get_seq_length() == 7
+            rest = model(tokens[:, 7:], **{name: cache}, use_cache=True)
+            assert getattr(rest, CACHE_FIELD) is cache and cache.get_seq_length() == 12
+            torch.testing.assert_close(rest.logits, full[:, 7:], atol=LOGITS_ATOL, rtol=0)
+        with pytest.raises(ValueError, match="not both"):
+            model(tokens, past_key_values=cache, cache=cache)
 
 
 def test_beam_search_with_cache_equals_beam_search_without():
@@ -148,7 +178,7 @@ def test_a_mod_layer_caches_only_the_tokens_it_processed():
         lambda module, args, out: taken.append((out.squeeze(-1) > 0.5).sum(-1)))
     try:
         with torch.no_grad():
-            cache = model(tokens, use_cache=True).past_key_values
+            cache = getattr(model(tokens, use_cache=True), CACHE_FIELD)
     finally:
         hook.remove()
     layer = cache.layers[1]

@@ -18,12 +18,16 @@ imports only torch, transformers, the standard library and its configuration.
   themselves (at their original positions) and the token becomes x + r(x) (Layer(x) - x),
   r(x) = sigmoid(x w). Every decision depends on the token alone, so routing is causal.
 - KV cache: `MoMaCache`, a transformers `Cache` whose MoD layers hold, per sequence, only the
-  tokens that layer processed, so cached generation equals the full forward.
+  tokens that layer processed, so cached generation equals the full forward. The model takes it
+  under the name the running transformers uses (`past_key_values`, or `cache` from 5.24 on) and
+  returns it under that output field; an empty cache of another type (the `DynamicCache` that
+  `generate` makes) is replaced by a `MoMaCache`.
 
 The model is for inference and evaluation: dropout and the training-time routing rules
 (expert choice over a whole batch, MoD top-k) and their auxiliary losses are not implemented.
 """
 
+import dataclasses
 import math
 from typing import Callable, Dict, Optional, Tuple
 
@@ -36,6 +40,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_moma import MoMaConfig
 
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`.
+CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+               else "past_key_values")
 KeyValueStore = Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -114,6 +121,7 @@ class MoDCacheLayer(CacheLayerMixin):
 
     def __init__(self):
         super().__init__()
+        self.is_initialized = False
         self.sequence_keys: Dict[int, torch.Tensor] = {}
         self.sequence_values: Dict[int, torch.Tensor] = {}
 
@@ -142,6 +150,11 @@ class MoDCacheLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
+        """No maximum (transformers 5.x name)."""
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        """No maximum (transformers 4.x name)."""
         return -1
 
     def reset(self) -> None:
@@ -412,13 +425,8 @@ class MoMaPreTrainedModel(PreTrainedModel):
     config_class = MoMaConfig
     base_model_prefix = "model"
     _no_split_modules = ["MoMaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_FIELD]
     supports_gradient_checkpointing = False
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        """`generate` must not make a DynamicCache: the model makes its own `MoMaCache`."""
-        return False
 
 
 class MoMaModel(MoMaPreTrainedModel):
@@ -445,13 +453,17 @@ class MoMaModel(MoMaPreTrainedModel):
                 position_ids: Optional[torch.LongTensor] = None,
                 past_key_values: Optional[Cache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None,
-                use_cache: Optional[bool] = None, **kwargs) -> BaseModelOutputWithPast:
-        """input_ids [b, s]; attention_mask [b, past + s] (0: padding); position_ids [b, s]."""
+                use_cache: Optional[bool] = None,
+                cache: Optional[Cache] = None, **kwargs) -> BaseModelOutputWithPast:
+        """input_ids [b, s]; attention_mask [b, past + s] (0: padding); position_ids [b, s];
+        the cache as `past_key_values` or `cache` (either name, not both)."""
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("MoMa models take input_ids (not inputs_embeds): a token's modality "
                              "comes from its id")
+        if past_key_values is not None and cache is not None:
+            raise ValueError("pass the cache as `past_key_values` or as `cache`, not both")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = self._cache(past_key_values, use_cache)
+        cache = self._cache(cache if cache is not None else past_key_values, use_cache)
         b, s = input_ids.shape
         past = 0 if cache is None else cache.get_seq_length()
         device = input_ids.device
@@ -476,15 +488,15 @@ class MoMaModel(MoMaPreTrainedModel):
             x = layer(x, modality_ids, rotary, mask, valid[:, past:], cache)
         if cache is not None:
             cache.seen_tokens += s
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_FIELD: cache})
 
-    def _cache(self, past_key_values: Optional[Cache], use_cache: bool) -> Optional[MoMaCache]:
-        if isinstance(past_key_values, MoMaCache):
-            return past_key_values
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+    def _cache(self, given: Optional[Cache], use_cache: bool) -> Optional[MoMaCache]:
+        if isinstance(given, MoMaCache):
+            return given
+        if given is not None and given.get_seq_length() > 0:
             raise TypeError(f"MoMa models keep their keys and values in a MoMaCache, got a filled "
-                            f"{type(past_key_values).__name__}")
-        return MoMaCache(self.config) if use_cache or past_key_values is not None else None
+                            f"{type(given).__name__}")
+        return MoMaCache(self.config) if use_cache or given is not None else None
 
 
 class MoMaForCausalLM(MoMaPreTrainedModel, GenerationMixin):
@@ -518,12 +530,13 @@ class MoMaForCausalLM(MoMaPreTrainedModel, GenerationMixin):
                 inputs_embeds: Optional[torch.Tensor] = None,
                 labels: Optional[torch.LongTensor] = None,
                 use_cache: Optional[bool] = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0,
+                cache: Optional[Cache] = None, **kwargs) -> CausalLMOutputWithPast:
         """Logits [b, s, vocab] (the last `logits_to_keep` positions if > 0); with `labels`
-        [b, s], the mean next-token cross-entropy."""
+        [b, s], the mean next-token cross-entropy; the cache as `past_key_values` or `cache`."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache)
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -532,4 +545,5 @@ class MoMaForCausalLM(MoMaPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
