@@ -39,6 +39,10 @@ def csrc_extensions():
 
 ext_modules, cmdclass = csrc_extensions()
 
+# The exported model's KV cache uses the per-layer Cache API of transformers 4.56. CI runs the
+# Hugging Face tests against this lowest version as well as the newest one pip resolves.
+TRANSFORMERS = "transformers>=4.56"
+
 setup(
     name="megatron-moma",
     version="0.1.0",
@@ -64,14 +68,13 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # The exported model's KV cache uses the per-layer Cache API (transformers 4.56).
-        "hf": ["transformers>=4.56"],
+        "hf": [TRANSFORMERS],
         "te": ["transformer-engine[pytorch]"],
         # The sample corpus reads scikit-learn's bundled digits (no download).
         "data": ["scikit-learn"],
         # benchmarks/reproduce_flops_savings.py draws its loss-vs-FLOPs curves with it.
         "bench": ["matplotlib", "scikit-learn"],
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "transformers>=4.56", "matplotlib"],
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", TRANSFORMERS, "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
