@@ -14,6 +14,8 @@ TP=${TP:-1}
 EP=${EP:-2}
 TRAIN_ITERS=${TRAIN_ITERS:-400}
 DATA_PREFIX=$DATA_DIR/digits_text_document
+# One thread per rank (torchrun's default, set here so that it does not warn about it).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ ! -f "$DATA_PREFIX.idx" ]; then
     moma-sample-data --output-dir "$DATA_DIR"

@@ -1,7 +1,7 @@
 """`ModalityTransformerConfig`: Megatron's TransformerConfig plus the modality-aware options."""
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from megatron.core.transformer import TransformerConfig
 
@@ -33,6 +33,9 @@ class ModalityTransformerConfig(TransformerConfig):
     mot: Optional[MoTOptions] = None
     mod: Optional[MoDOptions] = None
     expert_fp8: Optional[ExpertFp8Options] = None
+    # megatron-core's default, "full", is deprecated by megatron-core itself, which warns on every
+    # config made with it and then replaces it with this equivalent empty list.
+    cuda_graph_scope: List[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.expert_fp8 is not None and (self.moma is None or self.fp8):
@@ -58,6 +61,8 @@ class ModalityTransformerConfig(TransformerConfig):
             self.num_moe_experts = self.moma.num_experts
             self.moe_router_topk = 1  # unused by MoMa; keeps Megatron's MoE checks satisfied
             self.moe_router_pre_softmax = True
+            if self.moe_ffn_hidden_size is None and self.ffn_hidden_size is not None:
+                self.moe_ffn_hidden_size = self.ffn_hidden_size  # megatron warns, then does this
         super().__post_init__()
 
     @property

@@ -20,7 +20,7 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_moma.platform import activate_platform
+from megatron_moma.platform import activate_platform, known_warnings
 from megatron_moma.training import checkpointing, configs, data, loop
 from megatron_moma.training.arguments import ArgumentError, parse_args
 from megatron_moma.training.checkpointing import TrainState
@@ -117,6 +117,9 @@ def build_run(args) -> loop.Run:
 def pretrain(argv: Optional[List[str]] = None) -> int:
     """Parse, build and train on an initialised torch.distributed; returns the exit code."""
     args = parse_args(argv, world_size=torch.distributed.get_world_size())
+    fallbacks = known_warnings.fallback_report()
+    if fallbacks:
+        print_rank_last(fallbacks)
     run = build_run(args)
     try:
         return loop.evaluate_checkpoint(run) if args.skip_train else loop.train(run)
