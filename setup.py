@@ -57,7 +57,7 @@ setup(
     install_requires=[
         # A range, not a pin: an installed torch 2.4+ (CPU or CUDA) is used as it is.
         "torch>=2.4",
-        # Pinned exactly: megatron_moma.platform patches its internals (DESIGN.md).
+        # Pinned exactly: megatron_moma.platform patches its internals (docs/cpu.md).
         "megatron-core==0.16.1",
         "numpy",
         "packaging",

@@ -74,7 +74,7 @@ from atomic_files import write_text
 from flops_matching import closest_num_layers
 
 # name: (hidden size, attention heads, FFN hidden size). 435m: the MoMa paper's 435M dense base
-# (SPEC.md section 8: 24 layers of these).
+# (docs/layers.md §8: 24 layers of these).
 SHAPES = {"small": (256, 4, 1024), "435m": (1024, 16, 4096)}
 
 # Dense (no sparsity) tensor-core peak TFLOP/s, by a substring of torch.cuda.get_device_name().

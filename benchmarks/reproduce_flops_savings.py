@@ -65,7 +65,7 @@ MOD_ARCHITECTURES = {
                       *STAGE_ONE, "--mod", "--mod-no-aux-router", "--mod-inference-routing", "top_k"],
 }
 
-# SPEC.md section 9 (MoMa: 1.4B models, 1T tokens, training loss; MoT: 7B, Chameleon setting).
+# docs/layers.md §9 (MoMa: 1.4B models, 1T tokens, training loss; MoT: 7B, Chameleon setting).
 PAPER = {
     "moe_8x": {"lm loss": "3.0x (MoMa 1.4B)"},
     "moma_4t4i": {"lm loss": "3.7x", "text loss": "2.6x", "image loss": "5.2x"},
@@ -278,7 +278,7 @@ def markdown(results: dict) -> str:
         f"steps, interpolated); \"not reached\": the model never gets down to it; ≥: already "
         f"there at the first smoothed point.",
         "",
-        "| architecture | overall | text | image | papers (SPEC.md section 9) |",
+        "| architecture | overall | text | image | papers (docs/layers.md §9) |",
         "|---|---|---|---|---|",
     ]
     for name, per_tag in results["saving_factors"].items():

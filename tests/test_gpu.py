@@ -4,7 +4,7 @@ GEMMs against bf16 (torch-native and Transformer Engine), the TE specs with the 
 Every comparison here is between two runs of the same thing:
 - a layer (same spec, same weights, same inputs) run on the CPU in fp32 in a separate process
   with CUDA hidden (the CPU path the rest of the suite checks against pure-torch references of
-  SPEC.md), and on the GPU: in fp32 where routing decides (expert choice must pick the same
+  docs/layers.md), and on the GPU: in fp32 where routing decides (expert choice must pick the same
   tokens: tolerance 1e-4), in bf16 where nothing is discrete (tolerance 3e-2 for the output,
   the input gradient and every parameter gradient; the same comparison with the CPU's own bf16
   in place of the GPU measured at most 0.012);

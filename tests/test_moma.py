@@ -1,4 +1,4 @@
-"""MoMa MLP against an independent pure-torch reference of SPEC.md sections 2 and 3.
+"""MoMa MLP against an independent pure-torch reference of docs/layers.md §§2, 3.
 
 The reference below shares no code with megatron_moma.layers: it reads the layer's weights and
 recomputes, token group by token group and expert by expert, what the spec says.

@@ -1,4 +1,4 @@
-"""MoT layer against an independent pure-torch reference of SPEC.md sections 6 and 7, and
+"""MoT layer against an independent pure-torch reference of docs/layers.md §§6, 7, and
 against Megatron's own dense layer when every modality has the dense layer's weights."""
 
 import math
@@ -25,7 +25,7 @@ def rms(x, weight):
 
 
 def reference_mot_layer(x, modality_ids, params, options: MoTOptions):
-    """x [s, b, h], modality_ids [s, b] -> [s, b, h], straight from SPEC.md section 6."""
+    """x [s, b, h], modality_ids [s, b] -> [s, b, h], straight from docs/layers.md §6."""
     s, b, h = x.shape
     head_dim = h // HEADS
 

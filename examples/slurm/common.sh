@@ -33,7 +33,7 @@ launch() {
         "${MODEL_PARALLEL_ARGS[@]}" "${logging_args[@]}"
 }
 
-# SPEC.md section 8: seq 4096, peak LR 1e-4, 4k warm-up, linear decay to 1% of peak,
+# docs/layers.md §8: seq 4096, peak LR 1e-4, 4k warm-up, linear decay to 1% of peak,
 # 120k steps x 8.39M tokens (2048 sequences of 4096).
 PAPER_TRAINING_ARGS=(
     --seq-length 4096 --max-position-embeddings 4096 --micro-batch-size 1

@@ -6,7 +6,7 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
-# The FLOP-matched dense baseline of MoMa 1.4B (SPEC.md section 8): 24 layers / d 2048 /
+# The FLOP-matched dense baseline of MoMa 1.4B (docs/layers.md §8): 24 layers / d 2048 /
 # ffn 8192 / 16 heads, same data and schedule. Resubmit the same script to resume.
 # Submit from the repository root (Slurm runs a copy of this script from its spool folder).
 source "${MOMA_ROOT:-$SLURM_SUBMIT_DIR}/examples/slurm/common.sh"

@@ -6,7 +6,7 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
-# MoMa 1.4B 4t4i (SPEC.md section 8): dense base 24 layers / d 2048 / ffn 8192 / 16 heads,
+# MoMa 1.4B 4t4i (docs/layers.md §8): dense base 24 layers / d 2048 / ffn 8192 / 16 heads,
 # 4 text + 4 image experts, expert choice at capacity factor 1 (c_e = 1/4 within each group),
 # 7.1B total parameters. Resubmit the same script to resume.
 # Submit from the repository root (Slurm runs a copy of this script from its spool folder).

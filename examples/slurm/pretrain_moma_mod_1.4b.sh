@@ -6,7 +6,7 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
-# MoMa 4t4i + Mixture-of-Depths, 1.4B-matched (SPEC.md section 8): 32 layers / d 2304 /
+# MoMa 4t4i + Mixture-of-Depths, 1.4B-matched (docs/layers.md §8): 32 layers / d 2304 /
 # 18 heads, MoD on alternating layers from layer 0 at capacity 0.25, auxiliary routers built
 # for causal inference. Resubmit the same script to resume.
 # Submit from the repository root (Slurm runs a copy of this script from its spool folder).

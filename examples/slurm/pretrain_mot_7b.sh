@@ -6,9 +6,9 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
-# Mixture-of-Transformers 7B, Chameleon setting (SPEC.md section 8): d 4096 / 32 layers /
+# Mixture-of-Transformers 7B, Chameleon setting (docs/layers.md §8): d 4096 / 32 layers /
 # 32 heads, every non-embedding parameter untied by modality, Chameleon's post-sublayer norm
-# and QK-norm, seq 4096. FFN 11008 is Chameleon 7B's (SPEC.md does not give it).
+# and QK-norm, seq 4096. FFN 11008 is Chameleon 7B's (the MoT paper does not give it).
 # Submit from the repository root (Slurm runs a copy of this script from its spool folder).
 source "${MOMA_ROOT:-$SLURM_SUBMIT_DIR}/examples/slurm/common.sh"
 NAME=mot_7b

@@ -1,4 +1,4 @@
-"""Options of Mixture-of-Depths (SPEC.md section 4)."""
+"""Options of Mixture-of-Depths (docs/layers.md §4)."""
 
 from dataclasses import dataclass
 from typing import Optional, Tuple

@@ -1,4 +1,4 @@
-"""Options of MoMa, the modality-aware mixture of experts (SPEC.md sections 2, 3 and 5)."""
+"""Options of MoMa, the modality-aware mixture of experts (docs/layers.md §§2, 3, 5)."""
 
 import math
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Options of Mixture-of-Transformers layers (SPEC.md sections 6 and 7)."""
+"""Options of Mixture-of-Transformers layers (docs/layers.md §§6, 7)."""
 
 from dataclasses import dataclass
 from typing import FrozenSet

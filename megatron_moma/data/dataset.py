@@ -14,7 +14,7 @@ Each sample is GPTDataset's, all [sequence_length] tensors:
   is masked at image boundaries: begin-of-image is predicted from the text before it (the model
   learns when to start an image), every code and end-of-image are predicted, and so is the first
   text token after an image. With `modality_loss_weights`, each position's mask is multiplied by
-  the weight of its *label's* modality (predicting a sentinel counts as text, SPEC section 1);
+  the weight of its *label's* modality (predicting a sentinel counts as text, docs/layers.md §1);
 - modality_ids: the modality of each input token, from the vocabulary layout.
 """
 

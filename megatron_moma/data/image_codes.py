@@ -15,7 +15,7 @@ along its first axis: (1, N), (N,), (h, w) and (1, h, w) all give the image's co
 Codes become vocabulary ids either by an offset (id = offset + code) or through a vocabulary map:
 a JSON list whose entry i is the id of code i, or Chameleon's name -> id vocabulary (a dict, or a
 tokenizer.json holding one under model.vocab) whose `IMGIMG...` entries name the codes (letters A-J
-spell the code's decimal digits). Either way the ids form one contiguous range (SPEC section 1).
+spell the code's decimal digits). Either way the ids form one contiguous range (docs/layers.md §1).
 """
 
 import json

@@ -11,7 +11,7 @@ Relative code-file paths are relative to the folder of the JSON-lines file.
 Each key's value becomes one document of the IndexedDataset for that key, made of sequences
 (megatron's multimodal items): a text segment is one text sequence (mode 0; empty text is
 dropped), an image is one image sequence (mode 1) holding [begin_of_image, ids..., end_of_image].
-The sentinels are text ids inside the image sequence (SPEC section 1). With `append_eod` the
+The sentinels are text ids inside the image sequence (docs/layers.md §1). With `append_eod` the
 end-of-document id ends the last text sequence, or forms a text sequence of its own after a final
 image.
 """

@@ -1,7 +1,7 @@
 """The vocabulary layout of a mixed-modal model: which token ids belong to which modality.
 
-SPEC section 1: a token's modality is a pure function of its id. Every non-text modality owns one
-contiguous, inclusive id range (name, first_id, last_id); every other id is text, including the
+docs/layers.md §1: a token's modality is a pure function of its id. Every non-text modality owns
+one contiguous, inclusive id range (name, first_id, last_id); every other id is text, including the
 sentinels (end-of-document, padding, begin/end-of-image). Modality ids are fixed by name and equal
 the per-sequence mode of megatron's multimodal IndexedDataset: 0 text, 1 image, 2 speech. The
 model's `ModalityLayout` (`VocabularyLayout.modality_layout`) numbers modalities by position, so a

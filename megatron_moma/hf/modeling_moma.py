@@ -1,6 +1,6 @@
 """Hugging Face model of megatron-moma checkpoints: dense, MoMa, MoT, MoT+MoMa, with or without
-Mixture-of-Depths (SPEC.md of megatron-moma), computing what Megatron computes in eval mode with
-causal routing.
+Mixture-of-Depths (docs/layers.md of megatron-moma), computing what Megatron computes in eval
+mode with causal routing.
 
 Shipped verbatim in every exported model folder and loaded with `trust_remote_code=True`, so it
 imports only torch, transformers, the standard library and its configuration.

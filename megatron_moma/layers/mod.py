@@ -1,4 +1,4 @@
-"""Mixture-of-Depths: a transformer layer that only some tokens go through (SPEC.md section 4).
+"""Mixture-of-Depths: a transformer layer that only some tokens go through (docs/layers.md §4).
 
 On a MoD layer, a router ahead of the modality split scores every token, r(x) = sigmoid(x w).
 In each sequence the top k = ceil(c_d * s) tokens by r go through the whole layer (attention

@@ -1,4 +1,4 @@
-"""MoMa: the modality-aware mixture-of-experts MLP (SPEC.md sections 2 and 3).
+"""MoMa: the modality-aware mixture-of-experts MLP (docs/layers.md §§2, 3).
 
 Replaces the MLP of a Megatron TransformerLayer. For each modality M, with its expert group E_M:
 

@@ -1,4 +1,4 @@
-"""Mixture-of-Transformers sublayers (SPEC.md sections 6 and 7).
+"""Mixture-of-Transformers sublayers (docs/layers.md §§6, 7).
 
 For each modality m, with I_m the rows of m:
 

@@ -1,4 +1,4 @@
-"""Routers of a MoMa modality group (SPEC.md sections 2 and 3).
+"""Routers of a MoMa modality group (docs/layers.md §§2, 3).
 
 Router weights are replicated across tensor-parallel ranks, like Megatron's MoE router. Under
 sequence parallelism each rank sees only its chunk of the tokens, so their gradients are marked

@@ -1,4 +1,4 @@
-"""Which modality each token id belongs to (SPEC.md section 1).
+"""Which modality each token id belongs to (docs/layers.md §1).
 
 Every modality but text owns a contiguous, inclusive range of token ids; every other id, the
 begin/end-of-image sentinels included, is text. Because the modality depends on the id alone,

@@ -1,4 +1,4 @@
-"""The auxiliary-router training stage (SPEC.md section 3): main model frozen, aux routers train.
+"""The auxiliary-router training stage (docs/layers.md §3): main model frozen, aux routers train.
 
 Freeze before wrapping the model in megatron-core's DDP and building the optimizer: both only
 take parameters with `requires_grad=True`.

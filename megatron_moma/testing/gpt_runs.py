@@ -134,7 +134,7 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
         pipeline_dtype=torch.float32,
         **layout.transformer_config_fields(),
         # gloo pairs batched sends by posting order and swaps tensors when the previous and next
-        # stage are the same rank (CPU_NOTES.md): send and receive one at a time.
+        # stage are the same rank (docs/cpu.md): send and receive one at a time.
         batch_p2p_comm=False,
         **moe,
         **modality,

@@ -1,7 +1,7 @@
 """Run a function on N gloo ranks forked from the current process.
 
 Forking after megatron-core has been imported once costs milliseconds per rank, against 10-28 s
-for a torchrun start (CPU_NOTES.md), so parallel-equivalence tests fork. Ranks rendezvous through a
+for a torchrun start (docs/cpu.md), so parallel-equivalence tests fork. Ranks rendezvous through a
 file store in a fresh temporary directory (no TCP port to collide on), die with their parent,
 and are killed when the run fails or times out. Each rank leads its own process group, which is
 killed as a whole at the end, so helpers a rank started (dist_checkpointing's Manager process, for

@@ -18,7 +18,7 @@ from megatron_moma.config.moma import ROUTINGS as MOMA_ROUTINGS
 from megatron_moma.config.mot import NORM_PLACEMENTS, UNTIE_CHOICES
 
 ARCHITECTURES = ("dense", "moma", "mot", "mot+moma")
-# SPEC.md section 3: peak LR 1e-4, linear decay to 1e-6, 1k-2k warm-up over 5k-10k steps.
+# docs/layers.md §3: peak LR 1e-4, linear decay to 1e-6, 1k-2k warm-up over 5k-10k steps.
 AUX_ROUTER_SCHEDULE = {"lr": 1e-4, "min_lr": 1e-6, "lr_warmup_fraction": 0.2,
                        "lr_decay_style": "linear"}
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
@@ -118,9 +118,10 @@ def _architecture(parser):
     group.add_argument("--mod-no-aux-router", action="store_true")
     group.add_argument("--mod-aux-loss-coeff", type=float, default=1.0)
     group.add_argument("--train-aux-routers", action="store_true",
-                       help="stage 2 (SPEC section 3): load --load, freeze all but the aux routers; "
-                            "LR flags not given default to the paper's schedule: --lr 1e-4 "
-                            "--min-lr 1e-6 --lr-warmup-fraction 0.2 --lr-decay-style linear")
+                       help="stage 2 (docs/layers.md §3): load --load, freeze all but "
+                            "the aux routers; LR flags not given default to the paper's "
+                            "schedule: --lr 1e-4 --min-lr 1e-6 --lr-warmup-fraction 0.2 "
+                            "--lr-decay-style linear")
 
 
 def _training(parser):

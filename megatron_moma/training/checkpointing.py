@@ -10,7 +10,7 @@ folder that the next save removes; the tracker still names the last complete che
 
 Content: every model chunk (`model` or `model0`, `model1`, ... under virtual pipelining), the
 optimizer (the distributed optimizer in the `fully_reshardable` format, so that Adam's moments
-and step survive any change of TP/PP/EP/DP, CPU_NOTES.md), the LR scheduler, the RNG states of
+and step survive any change of TP/PP/EP/DP, docs/cpu.md), the LR scheduler, the RNG states of
 every rank, the iteration and the data position (consumed samples). RNG states are per rank:
 they are restored when the layout is the one saved, and left seeded otherwise.
 """

@@ -141,7 +141,7 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,
             **parallel_layout(args).transformer_config_fields(),
-            # gloo pairs batched sends by posting order (CPU_NOTES.md): one at a time on CPU.
+            # gloo pairs batched sends by posting order (docs/cpu.md): one at a time on CPU.
             batch_p2p_comm=args.device != "cpu",
             modality_layout=routing_layout(args, layout),
             moe_grouped_gemm=args.moe_grouped_gemm,

@@ -1,7 +1,7 @@
 """The papers' FLOPs-saving factor, from the training-loss curves `pretrain_moma` logs.
 
 MoMa and MoT measure a sparse model against the FLOP-matched dense model on *training* loss
-(SPEC.md section 9): take the dense model's final training loss L; the saving factor of a model
+(docs/layers.md §9): take the dense model's final training loss L; the saving factor of a model
 is the FLOPs dense needs to reach L divided by the FLOPs the model needs to reach L. It is
 computed overall (`lm loss`) and per modality (`text loss`, `image loss`: the loss on tokens of
 that modality, against the run's total FLOPs, as the papers plot them).

@@ -1,5 +1,5 @@
 """`moma-upcycle` (tools/upcycle.py): a 1t1i or dense checkpoint -> an n-experts-per-modality
-MoMa checkpoint (SPEC.md section 5).
+MoMa checkpoint (docs/layers.md §5).
 
 Every expert of modality m's new group is a copy of m's single expert (1t1i) or of the dense
 MLP; routers and auxiliary routers are fresh, and Gumbel-sigmoid router noise is switched on in
