@@ -6,10 +6,8 @@ exits. Exit codes: 0 done (or saved and stopped on SIGTERM, --exit-duration-in-m
 --exit-interval: docs/preemption.md), 2 invalid flags, 3 NaN/inf in the loss or gradients.
 """
 
-import argparse
 import os
 import sys
-import tempfile
 from typing import List, Optional
 
 import torch
@@ -20,14 +18,12 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from megatron_moma.command_line import CommandLineParser, report_argument_error
 from megatron_moma.platform import activate_platform
 from megatron_moma.training import checkpointing, configs, data, loop
-from megatron_moma.training.arguments import ArgumentError, parse_args
+from megatron_moma.training.arguments import ArgumentError, parse_args, validate_paths
 from megatron_moma.training.checkpointing import TrainState
 from megatron_moma.training.logging import TrainingLogger, print_rank_last
-
-EXIT_BAD_ARGUMENTS = 2
-
 
 def initialize_distributed(device: str) -> None:
     """torch.distributed from torchrun's environment, or a one-process group of our own."""
@@ -40,9 +36,8 @@ def initialize_distributed(device: str) -> None:
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(backend)
-    else:
-        store = os.path.join(tempfile.mkdtemp(prefix="pretrain-moma-"), "store")
-        torch.distributed.init_process_group(backend, init_method=f"file://{store}", rank=0,
+    else:  # an in-memory store: no file or port for one process to leave behind
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
                                              world_size=1)
 
 
@@ -88,6 +83,7 @@ def build_run(args) -> loop.Run:
     vocab = configs.vocabulary(args)
     vocab_size = _padded_vocab_size(args, vocab.vocab_size)
     data_layout = vocab.modality_layout
+    splits = data.build_splits(args, vocab)  # before the model: data errors are flag errors
     config = configs.transformer_config(args, data_layout)
     chunks = loop.build_model(args, config, vocab_size)
     optimizer, scheduler = loop.build_optimizer(args, chunks)
@@ -108,7 +104,7 @@ def build_run(args) -> loop.Run:
         raise ArgumentError(f"{flag}: no checkpoint in --load {args.load} "
                             f"(no {checkpointing.TRACKER})")
     return loop.Run(args=args, config=config, vocab_size=vocab_size, chunks=chunks,
-                    optimizer=optimizer, scheduler=scheduler, splits=data.build_splits(args, vocab),
+                    optimizer=optimizer, scheduler=scheduler, splits=splits,
                     logger=TrainingLogger(args.train_iters, args.log_interval, args.tensorboard_dir,
                                           args.tensorboard_log_interval),
                     state=state, run_config=run_config, data_layout=data_layout)
@@ -117,6 +113,7 @@ def build_run(args) -> loop.Run:
 def pretrain(argv: Optional[List[str]] = None) -> int:
     """Parse, build and train on an initialised torch.distributed; returns the exit code."""
     args = parse_args(argv, world_size=torch.distributed.get_world_size())
+    validate_paths(args)
     early_exit = loop.EarlyExit(args)
     run = build_run(args)
     try:
@@ -127,7 +124,7 @@ def pretrain(argv: Optional[List[str]] = None) -> int:
 
 
 def _requested_device(argv: List[str]) -> str:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = CommandLineParser(prog="pretrain-moma", add_help=False)
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
     device = parser.parse_known_args(argv)[0].device
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,14 +132,14 @@ def _requested_device(argv: List[str]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    initialize_distributed(_requested_device(argv))
     try:
+        initialize_distributed(_requested_device(argv))
         code = pretrain(argv)
     except ArgumentError as error:
-        print(f"pretrain-moma: error: {error}", file=sys.stderr, flush=True)
-        code = EXIT_BAD_ARGUMENTS
+        code = report_argument_error("pretrain-moma", error)
     parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return code
 
 
