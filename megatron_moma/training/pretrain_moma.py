@@ -115,11 +115,13 @@ def pretrain(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv, world_size=torch.distributed.get_world_size())
     validate_paths(args)
     early_exit = loop.EarlyExit(args)
-    run = build_run(args)
     try:
-        return loop.evaluate_checkpoint(run) if args.skip_train else loop.train(run, early_exit)
+        run = build_run(args)
+        try:
+            return loop.evaluate_checkpoint(run) if args.skip_train else loop.train(run, early_exit)
+        finally:
+            run.logger.close()
     finally:
-        run.logger.close()
         destroy_num_microbatches_calculator()
 
 
