@@ -1,9 +1,9 @@
 """What the megatron_moma commands share on the command line: one-line errors and value types.
 
-Every invalid flag or flag combination of `pretrain-moma`, `moma-upcycle`, `moma-convert`,
-`moma-preprocess` and `moma-sample-corpus` ends the same way: one line `PROG: error: MESSAGE` on
-standard error naming the flag(s) as typed and what is expected, exit code 2 (argparse's), before
-anything is built or written. `CommandLineParser` turns argparse's own errors (unknown flag,
+Every invalid flag or flag combination of `pretrain-moma`, `moma-upcycle`, `moma-convert` and
+`moma-preprocess` ends the same way: one line `PROG: error: MESSAGE` on standard error naming
+the flag(s) as typed and what is expected, exit code 2 (argparse's), before anything is built
+or written. `CommandLineParser` turns argparse's own errors (unknown flag,
 missing value, bad choice, a value the flag's type rejects) into `ArgumentError`, which the
 commands' `main` report with `report_argument_error`; the checks of flag combinations raise it
 too. The value types below are the flags' `type=`: argparse then names the flag in the message.

@@ -90,6 +90,7 @@ def test_sigterm_under_torchrun_saves_the_iteration_and_resumes_exactly(
         data_path, tmp_path, reference, mode, extra):
     root, save = str(tmp_path), str(tmp_path / "ckpt")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--log-dir", str(tmp_path / "torchrun-logs"),  # else torchrun leaves one in /tmp
                "-m", "megatron_moma.training.pretrain_moma",
                *trainer_flags(data_path, root, "signalled", TRAIN_ITERS, *COMMON, *extra,
                               "--save", save)]
