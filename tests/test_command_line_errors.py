@@ -110,6 +110,9 @@ def _trainer_cases(data_path, root):
         ([("--device", "gpu")], "argument --device: invalid choice: 'gpu'"),
         ([("--frobnicate",)], "unrecognized arguments: --frobnicate"),
         ([("--finetune",)], "--finetune needs --load"),
+        ([("--train-aux-routers",), ("--load", empty), ("--save", empty)],
+         f"--load {empty} holds no checkpoint (no latest_checkpointed_iteration.txt; a checkpoint "
+         "root as written by --save is expected, for --train-aux-routers)"),
     ]
     built = []
     for changes, message in cases:

@@ -398,7 +398,8 @@ def validate_paths(args: argparse.Namespace) -> None:
     --data-path prefix a dataset; --save, --tensorboard-dir and --data-cache-path folders this
     process can write (made if missing); --load a checkpoint folder, except when it is the
     --save folder (Megatron-LM's resume idiom: a first run with --load and --save on the same
-    new folder starts from scratch). The trainer checks them after `parse_args`, before
+    new folder starts from scratch) and no flag needs a checkpoint (--skip-train,
+    --train-aux-routers, --finetune). The trainer checks them after `parse_args`, before
     building anything; `parse_args` alone looks at the flags only."""
     for prefix in _blend_prefixes(args.data_path):
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
@@ -411,14 +412,18 @@ def validate_paths(args: argparse.Namespace) -> None:
                          ("--data-cache-path", args.data_cache_path)):
         problem = None if folder is None else writable_directory_problem(folder)
         _require(problem is None, f"{flag} {folder} {problem}")
-    if args.load is None or _same_folder(args.load, args.save):
+    needs_checkpoint = [flag for flag, given in (("--skip-train", args.skip_train),
+                                                 ("--train-aux-routers", args.train_aux_routers),
+                                                 ("--finetune", args.finetune)) if given]
+    if args.load is None or (_same_folder(args.load, args.save) and not needs_checkpoint):
         return
     _require(os.path.isdir(args.load), f"--load {args.load}: no such folder")
     from megatron_moma.training.checkpointing import TRACKER
 
+    purpose = f", for {' '.join(needs_checkpoint)}" if needs_checkpoint else ""
     _require(os.path.isfile(os.path.join(args.load, TRACKER)),
              f"--load {args.load} holds no checkpoint (no {TRACKER}; a checkpoint root as "
-             "written by --save is expected)")
+             f"written by --save is expected{purpose})")
 
 
 def validate_model_split(args: argparse.Namespace) -> None:

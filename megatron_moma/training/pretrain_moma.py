@@ -25,6 +25,7 @@ from megatron_moma.training.arguments import ArgumentError, parse_args, validate
 from megatron_moma.training.checkpointing import TrainState
 from megatron_moma.training.logging import TrainingLogger, print_rank_last
 
+
 def initialize_distributed(device: str) -> None:
     """torch.distributed from torchrun's environment, or a one-process group of our own."""
     if torch.distributed.is_initialized():
@@ -99,10 +100,6 @@ def build_run(args) -> loop.Run:
             load_rng=not (args.no_load_rng or args.finetune))
         state = TrainState() if args.finetune or args.train_aux_routers else loaded
         print_rank_last(f" loaded checkpoint from {args.load} at iteration {loaded.iteration}")
-    elif args.train_aux_routers or args.skip_train:
-        flag = "--train-aux-routers" if args.train_aux_routers else "--skip-train"
-        raise ArgumentError(f"{flag}: no checkpoint in --load {args.load} "
-                            f"(no {checkpointing.TRACKER})")
     return loop.Run(args=args, config=config, vocab_size=vocab_size, chunks=chunks,
                     optimizer=optimizer, scheduler=scheduler, splits=splits,
                     logger=TrainingLogger(args.train_iters, args.log_interval, args.tensorboard_dir,
