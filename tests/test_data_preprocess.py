@@ -287,7 +287,7 @@ BAD_RECORDS = {
     ),
     "float file": (
         '{"text": [{"image": "codes/float.npy"}]}',
-        "line 2, segment 1 'image': codes must be integers, got dtype float32",
+        "line 2, segment 1 'image': code file '{folder}/codes/float.npy': codes must be integers, got dtype float32",
     ),
     "ambiguous npz": (
         '{"text": [{"image": "codes/grid.npz"}]}',
@@ -295,7 +295,23 @@ BAD_RECORDS = {
     ),
     "file too short": (
         '{"text": [{"image": {"path": "codes/emu3.pth", "index": 0}}]}',
-        "line 2, segment 1 'image': 2 codes, expected 4 per image (--codes-per-image)",
+        "line 2, segment 1 'image': code file '{folder}/codes/emu3.pth': 2 codes, expected 4 per image (--codes-per-image)",
+    ),
+    "file outside codebook": (
+        '{"text": [{"image": "codes/big.npy"}]}',
+        "line 2, segment 1 'image': code file '{folder}/codes/big.npy': code 99 is outside the codebook [0, 16)",
+    ),
+    "lone surrogate": (
+        '{"text": [{"text": "a\\ud800b"}]}',
+        "line 2, segment 1 'text': character 1 is a lone UTF-16 surrogate (\\ud800); expected text that is valid Unicode",
+    ),
+    "deep nesting": (
+        '{"text": ' + "[" * 100000 + "]" * 100000 + "}",
+        "line 2: JSON nested too deeply to read",
+    ),
+    "deep inline codes": (
+        '{"text": [{"image": ' + "[" * 200 + "1" + "]" * 200 + "}]}",
+        "line 2, segment 1 'image': ",
     ),
     "invalid utf-8": (
         b'{"text": "\xff"}',
@@ -308,6 +324,7 @@ def write_bad_corpus(folder, bad_line):
     write_code_files(folder)
     (folder / "codes" / "damaged.npy").write_bytes(b"not numpy")
     numpy.save(folder / "codes" / "float.npy", numpy.zeros((1, 4), dtype=numpy.float32))
+    numpy.save(folder / "codes" / "big.npy", numpy.array([1, 2, 3, 99]))
     write_jsonl(folder / "data.jsonl", [GOOD_LINE, bad_line, GOOD_LINE])
 
 
@@ -398,15 +415,33 @@ def test_skip_bad_with_nothing_left_fails_without_output(tmp_path, capsys):
             ["--codebook-size", "16", "--begin-of-image-id", "256"],
             "begin_of_image id 256 is also the eod id",
         ),
-        (["--workers", "0"], "--workers, --partitions and --log-interval must be at least 1"),
+        (["--workers", "0"], "argument --workers: expected an integer >= 1, got '0'"),
+        (["--log-interval", "x"], "argument --log-interval: expected an integer >= 1, got 'x'"),
+        (["--codebook-size", "-3"], "argument --codebook-size: expected an integer >= 1, got '-3'"),
+        (
+            ["--codebook-size", "16", "--codes-per-image", "0"],
+            "argument --codes-per-image: expected an integer >= 1, got '0'",
+        ),
+        (["--image-vocab-map", "nowhere.json"], "--image-vocab-map nowhere.json: no such file"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
 )
-def test_inconsistent_flags_exit_with_usage_error(corpus, capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        run(corpus, *flags)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+def test_inconsistent_flags_exit_2_with_one_line(corpus, capsys, flags, message):
+    assert run(corpus, *flags) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("moma-preprocess: error: ") and error.count("\n") == 1, error
+    assert message in error
     assert not any(name.startswith("out") or name.startswith(".out") for name in os.listdir(corpus))
+
+
+def test_an_output_folder_that_refuses_files_is_named_without_a_traceback(corpus, capsys):
+    """/proc takes no new files, whatever the user (the tests may run as root, for whom
+    permission bits do not stop a write)."""
+    assert main(["--input", str(corpus / "data.jsonl"), "--output-prefix", "/proc/out",
+                 *IMAGE_FLAGS]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: /proc/") and "--output-prefix /proc/out" in error, error
+    assert "Traceback" not in error and "nothing was written" in error
 
 
 def test_tool_script_exits_non_zero_on_bad_input(tmp_path):

@@ -402,7 +402,8 @@ def _edited_copy(checkpoint, destination, **arguments):
 
 
 def _bad_inputs(saved, exported, tmp_path, data_path, tokenizer_folder):
-    """(command line after the subcommand's --out, expected message) for each bad input."""
+    """(command line before --out, exit code, expected message) for each bad input: 2 for a
+    flag that names no usable input or a layout that does not fit, 1 for bad input content."""
     moma = saved["moma@tp2-sp-ep2"]
     no_config = str(tmp_path / "no-config")
     shutil.copytree(moma, no_config)
@@ -422,32 +423,32 @@ def _bad_inputs(saved, exported, tmp_path, data_path, tokenizer_folder):
     tokenizer_config = os.path.join(wrong_eos, "tokenizer_config.json")
     json.dump(dict(json.load(open(tokenizer_config)), eos_token="w3"), open(tokenizer_config, "w"))
     return [
-        (["export-hf", "--load", moma, "--iteration", "7"],
+        (["export-hf", "--load", moma, "--iteration", "7"], 2,
          f"{moma}: no checkpoint of iteration 7 (no iter_0000007/; saved iterations: [1])"),
-        (["export-hf", "--load", os.path.dirname(data_path)],
+        (["export-hf", "--load", os.path.dirname(data_path)], 2,
          "is not a pretrain_moma checkpoint directory: no latest_checkpointed_iteration.txt"),
-        (["export-hf", "--load", str(tmp_path / "nowhere")], "no such checkpoint directory"),
-        (["export-hf", "--load", no_config], "iter_0000001: no run_config.json"),
-        (["export-hf", "--load", _edited_copy(moma, str(tmp_path / "no-aux"), moma_no_aux_router=True)],
+        (["export-hf", "--load", str(tmp_path / "nowhere")], 2, "no such checkpoint directory"),
+        (["export-hf", "--load", no_config], 1, "iter_0000001: no run_config.json"),
+        (["export-hf", "--load", _edited_copy(moma, str(tmp_path / "no-aux"), moma_no_aux_router=True)], 1,
          "unsupported flag --moma-no-aux-router"),
-        (["export-hf", "--load", _edited_copy(moma, str(tmp_path / "wider"), hidden_size=64)],
+        (["export-hf", "--load", _edited_copy(moma, str(tmp_path / "wider"), hidden_size=64)], 1,
          "the checkpoint does not hold the moma model its run_config.json describes"),
-        (["export-hf", "--load", moma, "--max-shard-size", "5XB"], "size '5XB': expected"),
-        (["export-hf", "--load", moma, "--tokenizer", str(tmp_path / "nowhere")],
+        (["export-hf", "--load", moma, "--max-shard-size", "5XB"], 2, "argument --max-shard-size: size '5XB': expected"),
+        (["export-hf", "--load", moma, "--tokenizer", str(tmp_path / "nowhere")], 2,
          "not a Hugging Face tokenizer folder"),
-        (["export-hf", "--load", moma, "--tokenizer", wrong_eos],
+        (["export-hf", "--load", moma, "--tokenizer", wrong_eos], 2,
          f"its end-of-sequence id 3 is not the run's end-of-document id {256}"),
-        (["import-hf", "--hf", hf, "--tensor-model-parallel-size", "3", "--sequence-parallel"],
+        (["import-hf", "--hf", hf, "--tensor-model-parallel-size", "3", "--sequence-parallel"], 2,
          "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
-        (["import-hf", "--hf", hf, "--expert-model-parallel-size", "4"],
+        (["import-hf", "--hf", hf, "--expert-model-parallel-size", "4"], 2,
          "every group must be divisible by --expert-model-parallel-size 4"),
-        (["import-hf", "--hf", hf, "--tensor-model-parallel-size", "2"],
+        (["import-hf", "--hf", hf, "--tensor-model-parallel-size", "2"], 2,
          "MoMa with --tensor-model-parallel-size > 1 needs --sequence-parallel"),
-        (["import-hf", "--hf", hf, "--pipeline-model-parallel-size", "4"],
+        (["import-hf", "--hf", hf, "--pipeline-model-parallel-size", "4"], 2,
          "--num-layers 2 is not divisible by --pipeline-model-parallel-size 4"),
-        (["import-hf", "--hf", moma], "no config.json"),
-        (["import-hf", "--hf", missing_shard], f"names files that do not exist: ['{shards[1]}']"),
-        (["import-hf", "--hf", missing_key], "missing ['model.layers.9.mlp.gate_proj.weight']"),
+        (["import-hf", "--hf", moma], 2, "no config.json"),
+        (["import-hf", "--hf", missing_shard], 1, f"names files that do not exist: ['{shards[1]}']"),
+        (["import-hf", "--hf", missing_key], 1, "missing ['model.layers.9.mlp.gate_proj.weight']"),
     ]
 
 
@@ -456,12 +457,14 @@ def test_bad_input_is_an_error_that_names_it_and_writes_nothing(saved, exported,
     cases = _bad_inputs(saved, exported, tmp_path, data_path, tokenizer_folder)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    for number, (argv, message) in enumerate(cases):
+    for number, (argv, code, message) in enumerate(cases):
         capfd.readouterr()
         out = str(outputs / f"out{number}")
-        assert convert(*argv, "--out", out) == 1, argv
-        error = capfd.readouterr().err
-        assert "moma-convert: error: " in error and message in error, (argv, error)
+        assert convert(*argv, "--out", out) == code, argv
+        error = capfd.readouterr().err  # after any progress bars: the one error line
+        assert error.endswith("\n") and "Traceback" not in error, error
+        last = error.split("\r")[-1].splitlines()[-1]
+        assert last.startswith("moma-convert: error: ") and message in last, (argv, error)
     assert os.listdir(outputs) == []  # no output folder, no staging folder left
 
 
@@ -470,8 +473,8 @@ def test_an_existing_output_folder_is_kept_unless_overwrite(exported, tmp_path, 
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "notes.txt").write_text("keep me")
-    assert convert("import-hf", "--hf", hf, "--out", str(checkpoint)) == 1
-    assert "exists and is not empty; pass --overwrite" in capfd.readouterr().err
+    assert convert("import-hf", "--hf", hf, "--out", str(checkpoint)) == 2
+    assert "--out " + str(checkpoint) + " exists and is not empty; pass --overwrite" in capfd.readouterr().err
     assert os.listdir(checkpoint) == ["notes.txt"]
     assert convert("import-hf", "--hf", hf, "--out", str(checkpoint), "--overwrite") == 0
     assert sorted(os.listdir(checkpoint)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+from megatron_moma.command_line import ArgumentError
 from megatron_moma.conversion.errors import ConversionError
 from megatron_moma.conversion.megatron_checkpoint import (
     load_world_size_one_model,
@@ -52,19 +53,19 @@ def _load_tokenizer(source: str):
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ConversionError(f"--tokenizer {source}: not a Hugging Face tokenizer folder or a "
-                              f"name in the local cache ({error})") from error
+        raise ArgumentError(f"--tokenizer {source}: not a Hugging Face tokenizer folder or a "
+                            f"name in the local cache ({error})") from error
 
 
 def _check_tokenizer(tokenizer, source: str, hf_config) -> None:
     """Refuse a tokenizer whose ids cannot be the model's."""
     if len(tokenizer) > hf_config.vocab_size:
-        raise ConversionError(f"--tokenizer {source} has {len(tokenizer)} ids; the model has "
-                              f"{hf_config.vocab_size}")
+        raise ArgumentError(f"--tokenizer {source} has {len(tokenizer)} ids; the model has "
+                            f"{hf_config.vocab_size}")
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id != hf_config.eos_token_id:
-        raise ConversionError(f"--tokenizer {source}: its end-of-sequence id "
-                              f"{tokenizer.eos_token_id} is not the run's end-of-document id "
-                              f"{hf_config.eos_token_id} (was the data made with another tokenizer?)")
+        raise ArgumentError(f"--tokenizer {source}: its end-of-sequence id "
+                            f"{tokenizer.eos_token_id} is not the run's end-of-document id "
+                            f"{hf_config.eos_token_id} (was the data made with another tokenizer?)")
 
 
 def export_hf(load: str, out: str, *, iteration: Optional[int] = None, tokenizer: Optional[str] = None,

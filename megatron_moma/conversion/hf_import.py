@@ -53,10 +53,10 @@ def read_hf_config(hf_dir: str) -> MoMaConfig:
     """The MoMaConfig of `hf_dir` (read with this package's class, no remote code)."""
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.isdir(hf_dir):
-        raise ConversionError(f"{hf_dir}: no such Hugging Face model directory")
+        raise ArgumentError(f"--hf {hf_dir}: no such Hugging Face model directory")
     if not os.path.isfile(path):
-        raise ConversionError(f"{hf_dir}: no {CONFIG_FILE} (expected a folder written by "
-                              "moma-convert export-hf)")
+        raise ArgumentError(f"--hf {hf_dir}: no {CONFIG_FILE} (expected a folder written by "
+                            "moma-convert export-hf)")
     try:
         with open(path) as config_file:
             model_type = json.load(config_file).get("model_type")
@@ -99,8 +99,8 @@ def imported_run_config(hf_config: MoMaConfig, parallel_flags: Dict[str, Any], h
                                 f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
         architecture = configs.transformer_config(args, vocabulary.modality_layout).architecture
     except ArgumentError as error:
-        raise ConversionError(f"the model of {hf_dir} does not split under the target layout: "
-                              f"{error}") from error
+        raise ArgumentError(f"the model of {hf_dir} does not split under the target layout: "
+                            f"{error}") from error
     run_config = checkpointing.make_run_config(args, vocabulary, padded_vocab_size, architecture,
                                                args.world_size)
     run_config["imported_from"] = os.path.abspath(hf_dir)

@@ -4,7 +4,8 @@ A checkpoint root holds `iter_NNNNNNN/` folders (torch_dist format plus run_conf
 tracker `latest_checkpointed_iteration.txt` (megatron_moma.training.checkpointing). The model is
 rebuilt at world size 1 from the run config (`world_size_one`) and its `sharded_state_dict` read
 from the folder: dist_checkpointing reassembles every tensor from the TP/PP/VPP/EP shards that
-were saved. Every failure is a ConversionError naming the path, the iteration and what was
+were saved. A --load or --iteration that names no checkpoint is an ArgumentError (a flag error:
+exit code 2); every other failure a ConversionError naming the path, the iteration and what was
 expected.
 """
 
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_moma.command_line import ArgumentError
 from megatron_moma.conversion.errors import ConversionError
 from megatron_moma.conversion.world_size_one import (
     build_world_size_one_model,
@@ -50,12 +52,13 @@ def locate_checkpoint(path: str, iteration: Optional[int] = None) -> Tuple[str, 
     """(checkpoint root, iteration) of `path`: a checkpoint root (iteration `iteration`, default
     the tracker's) or one `iter_NNNNNNN` folder in it."""
     if not os.path.isdir(path):
-        raise ConversionError(f"{path}: no such checkpoint directory")
+        raise ArgumentError(f"--load {path}: no such checkpoint directory")
     folder = ITERATION_FOLDER.match(os.path.basename(os.path.normpath(path)))
     if folder and not os.path.exists(os.path.join(path, TRACKER)):
         folder_iteration = int(folder.group(1))
         if iteration is not None and iteration != folder_iteration:
-            raise ConversionError(f"{path} is iteration {folder_iteration}, not --iteration {iteration}")
+            raise ArgumentError(f"--load {path} is iteration {folder_iteration}, not --iteration "
+                                f"{iteration}")
         return os.path.dirname(os.path.normpath(path)), folder_iteration
     available = saved_iterations(path)
     if iteration is None:
@@ -66,10 +69,10 @@ def locate_checkpoint(path: str, iteration: Optional[int] = None) -> Tuple[str, 
         if iteration is None:
             found = (f"saved iterations {available}: pass --iteration" if available
                      else "no iter_NNNNNNN/ folders")
-            raise ConversionError(f"{path} is not a pretrain_moma checkpoint directory: no {TRACKER} "
-                                  f"({found})")
+            raise ArgumentError(f"--load {path} is not a pretrain_moma checkpoint directory: no "
+                                f"{TRACKER} ({found})")
     if iteration not in available:
-        raise ConversionError(f"{path}: no checkpoint of iteration {iteration} (no "
+        raise ArgumentError(f"--load {path}: no checkpoint of iteration {iteration} (no "
                               f"{os.path.basename(checkpointing.checkpoint_dir(path, iteration))}/; "
                               f"saved iterations: {available})")
     return path, iteration

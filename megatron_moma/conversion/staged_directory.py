@@ -10,15 +10,17 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from megatron_moma.conversion.errors import ConversionError
+from megatron_moma.command_line import ArgumentError, writable_directory_problem
 
 
 def check_output_directory(out: str, overwrite: bool) -> None:
-    """Refuse an `out` that is a file, or a non-empty folder without `overwrite`."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConversionError(f"{out} exists and is not a directory")
+    """Refuse (ArgumentError, naming --out) an `out` that cannot be a folder this process
+    writes, or a non-empty folder without `overwrite`."""
+    problem = writable_directory_problem(out)
+    if problem is not None:
+        raise ArgumentError(f"--out {out} {problem}")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ConversionError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        raise ArgumentError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
 
 
 def _first_missing_ancestor(path: str) -> Optional[str]:

@@ -76,7 +76,10 @@ def load_code_file(
         raise CodeError(
             f"cannot read code file {path!r}: {type(error).__name__}: {error}"
         ) from error
-    return codes_from_array(array, index)
+    try:
+        return codes_from_array(array, index)
+    except CodeError as error:
+        raise CodeError(f"code file {path!r}: {error}") from None
 
 
 def _read_array(path: str, suffix: str, key: Optional[str]) -> Any:

@@ -29,6 +29,13 @@ from typing import Iterator, List, Optional, Tuple
 from megatron.core.datasets.indexed_dataset import DType
 from tqdm import tqdm
 
+from megatron_moma.command_line import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    ArgumentError,
+    CommandLineParser,
+    report_argument_error,
+)
 from megatron_moma.data.dataset_writer import MixedModalDatasetWriter
 from megatron_moma.data.image_codes import (
     CodeError,
@@ -45,7 +52,8 @@ ENCODE_CHUNK_SIZE = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moma-preprocess", description=__doc__.split("\n")[0])
+    parser = CommandLineParser(prog="moma-preprocess", description=__doc__.split("\n")[0],
+                               allow_abbrev=False)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="JSON-lines file of records")
     group.add_argument(
@@ -55,21 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=BYTE_LEVEL)
     group.add_argument("--tokenizer-model", help="local folder of a Hugging Face tokenizer")
     group.add_argument(
-        "--vocab-size", type=int, help="total vocabulary size (padded); default: the largest id + 1"
+        "--vocab-size", type=POSITIVE_INT, help="total vocabulary size (padded); default: the largest id + 1"
     )
     group = parser.add_argument_group("image codes")
     group.add_argument(
-        "--codebook-size", type=int, help="number of VQ codes, e.g. 8192 for Chameleon"
+        "--codebook-size", type=POSITIVE_INT, help="number of VQ codes, e.g. 8192 for Chameleon"
     )
-    group.add_argument("--image-code-offset", type=int, help="vocabulary id of code 0")
+    group.add_argument("--image-code-offset", type=NON_NEGATIVE_INT, help="vocabulary id of code 0")
     group.add_argument(
         "--image-vocab-map", help="JSON code -> id map (a list, or Chameleon's IMGIMG names)"
     )
     group.add_argument(
-        "--codes-per-image", type=int, help="exact number of codes every image must have"
+        "--codes-per-image", type=POSITIVE_INT, help="exact number of codes every image must have"
     )
-    group.add_argument("--begin-of-image-id", type=int)
-    group.add_argument("--end-of-image-id", type=int)
+    group.add_argument("--begin-of-image-id", type=NON_NEGATIVE_INT)
+    group.add_argument("--end-of-image-id", type=NON_NEGATIVE_INT)
     group = parser.add_argument_group("output data")
     group.add_argument(
         "--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx/.vocab.json"
@@ -83,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip bad records, listing them in {prefix}_rejected.jsonl",
     )
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1, help="encoding processes")
+    group.add_argument("--workers", type=POSITIVE_INT, default=1, help="encoding processes")
     group.add_argument(
-        "--partitions", type=int, default=1, help="contiguous input parts, merged at the end"
+        "--partitions", type=POSITIVE_INT, default=1, help="contiguous input parts, merged at the end"
     )
     group.add_argument(
-        "--log-interval", type=int, default=1000, help="documents between progress lines"
+        "--log-interval", type=POSITIVE_INT, default=1000, help="documents between progress lines"
     )
     return parser
 
@@ -135,6 +143,8 @@ def _image_vocabulary(
     if args.image_vocab_map is not None:
         if args.image_code_offset is not None:
             raise ValueError("give --image-code-offset or --image-vocab-map, not both")
+        if not os.path.isfile(args.image_vocab_map):
+            raise ValueError(f"--image-vocab-map {args.image_vocab_map}: no such file")
         image_vocabulary = image_vocabulary_from_map(args.image_vocab_map, args.codes_per_image)
         if args.codebook_size not in (None, image_vocabulary.codebook_size):
             raise ValueError(
@@ -175,6 +185,8 @@ def _encode_line(numbered_line: Tuple[int, bytes]) -> Tuple[bool, object, int]:
         reason = f"{where}: not valid UTF-8 ({error.reason} at byte {error.start})"
     except BadRecord as error:
         reason = str(error)
+    except Exception as error:  # whatever else a record triggers is still named by file and line
+        reason = f"{where}: cannot encode the record ({type(error).__name__}: {error})"
     else:
         return True, documents, bytes_read
     record = raw.decode("utf-8", errors="replace").rstrip("\n")
@@ -286,20 +298,30 @@ def _source(
     }
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_paths(args: argparse.Namespace) -> None:
     if not os.path.isfile(args.input):
-        parser.error(f"--input {args.input!r} is not a file")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output_prefix))):
-        parser.error(f"the folder of --output-prefix {args.output_prefix!r} does not exist")
-    if args.workers < 1 or args.partitions < 1 or args.log_interval < 1:
-        parser.error("--workers, --partitions and --log-interval must be at least 1")
+        raise ArgumentError(f"--input {args.input!r} is not a file")
+    if not os.access(args.input, os.R_OK):
+        raise ArgumentError(f"--input {args.input!r} cannot be read by this user")
+    folder = os.path.dirname(os.path.abspath(args.output_prefix))
+    if not os.path.isdir(folder):
+        raise ArgumentError(f"the folder of --output-prefix {args.output_prefix!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArgumentError(f"the folder of --output-prefix {args.output_prefix!r} cannot be "
+                            "written by this user")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-        layout, image_vocabulary = build_vocabulary(tokenizer, args)
-    except (ValueError, CodeError, OSError, ImportError) as error:
-        parser.error(str(error))
+        args = build_parser().parse_args(argv)
+        _check_paths(args)
+        try:
+            tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+            layout, image_vocabulary = build_vocabulary(tokenizer, args)
+        except (ValueError, CodeError, OSError, ImportError) as error:
+            raise ArgumentError(str(error)) from error
+    except ArgumentError as error:
+        return report_argument_error("moma-preprocess", error)
     encoder = RecordEncoder(
         tokenizer,
         layout,
@@ -313,6 +335,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         written = preprocess(args, encoder, _source(args, tokenizer, image_vocabulary))
     except BadRecord as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # reading --input or writing beside --output-prefix
+        print(f"error: {error.filename or args.output_prefix}: {error.strerror or error} (--input "
+              f"{args.input}, --output-prefix {args.output_prefix}); nothing was written",
+              file=sys.stderr)
         return 1
     for path in written:
         print(f"wrote {path}", file=sys.stderr)

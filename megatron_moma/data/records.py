@@ -116,6 +116,12 @@ class RecordEncoder:
     def _text_ids(self, where: str, text: Any) -> numpy.ndarray:
         if not isinstance(text, str):
             raise BadRecord(f"{where}: expected a string, got {_kind(text)}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise BadRecord(f"{where}: character {error.start} is a lone UTF-16 surrogate "
+                            f"(\\u{ord(text[error.start]):04x}); expected text that is valid "
+                            "Unicode") from None
         ids = numpy.asarray(self.tokenizer.tokenize(text), dtype=numpy.int64)
         not_text = self.layout.modality_ids(ids) != TEXT
         if not_text.any():
@@ -131,18 +137,23 @@ class RecordEncoder:
                 f"{where}: no image vocabulary configured (pass --codebook-size or --image-vocab-map)"
             )
         try:
-            codes, files_bytes = self._image_codes(value)
-            ids = self.image_vocabulary.to_ids(codes)
+            codes, files_bytes, code_file = self._image_codes(value)
         except CodeError as error:
             raise BadRecord(f"{where}: {error}") from None
+        try:
+            ids = self.image_vocabulary.to_ids(codes)
+        except CodeError as error:
+            source = "" if code_file is None else f"code file {code_file!r}: "
+            raise BadRecord(f"{where}: {source}{error}") from None
         return (
             numpy.concatenate([[self.layout.begin_of_image], ids, [self.layout.end_of_image]]),
             files_bytes,
         )
 
-    def _image_codes(self, value: Any) -> Tuple[numpy.ndarray, int]:
+    def _image_codes(self, value: Any) -> Tuple[numpy.ndarray, int, Optional[str]]:
+        """(codes [N], bytes of the code file read, its path or None for inline codes)."""
         if isinstance(value, list):
-            return _inline_codes(value), 0
+            return _inline_codes(value), 0, None
         if isinstance(value, str):
             value = {"path": value}
         if not isinstance(value, dict) or not isinstance(value.get("path"), str):
@@ -159,7 +170,7 @@ class RecordEncoder:
             raise CodeError(f"'index' must be an integer, got {_kind(index)}")
         path = os.path.join(self.base_dir, value["path"])
         codes = load_code_file(path, value.get("key"), index)
-        return codes, os.path.getsize(path)
+        return codes, os.path.getsize(path), path
 
 
 def _inline_codes(value: list) -> numpy.ndarray:
@@ -177,6 +188,9 @@ def _parse_object(where: str, line: str) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise BadRecord(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise BadRecord(f"{where}: JSON nested too deeply to read (expected a record of text "
+                        "and image segments)") from None
     if not isinstance(record, dict):
         raise BadRecord(f"{where}: expected a JSON object, got {_kind(record)}")
     return record

@@ -62,7 +62,13 @@ def routing_layout(args: argparse.Namespace, data_layout: ModalityLayout) -> Mod
     expert group on mixed-modal data (`--moma-experts-per-modality 8`: the MoMa paper's moe_8x
     baseline), whose experts take tokens of every modality: the model then sees one modality
     (its group and parameters are named `text`), while the losses stay per data modality."""
-    single_group = "moma" in args.architecture and len(args.moma_experts_per_modality) == 1
+    groups = args.moma_experts_per_modality
+    single_group = "moma" in args.architecture and len(groups) == 1
+    if "moma" in args.architecture and len(groups) not in (1, data_layout.num_modalities):
+        raise ArgumentError(
+            f"--moma-experts-per-modality {' '.join(map(str, groups))}: {len(groups)} groups, "
+            f"expected one per modality of the dataset ({', '.join(data_layout.names)}) or one "
+            "for all")
     if not single_group or data_layout.num_modalities == 1:
         return data_layout
     if args.architecture != "moma":
@@ -116,6 +122,7 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
     """The model's config for data of modality layout `layout` (the model's own layout is
     `routing_layout`'s); ValueErrors from the option groups become ArgumentErrors."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model_layout = routing_layout(args, layout)
     try:
         return ModalityTransformerConfig(
             num_layers=args.num_layers,
@@ -143,7 +150,7 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
             **parallel_layout(args).transformer_config_fields(),
             # gloo pairs batched sends by posting order (docs/cpu.md): one at a time on CPU.
             batch_p2p_comm=args.device != "cpu",
-            modality_layout=routing_layout(args, layout),
+            modality_layout=model_layout,
             moe_grouped_gemm=args.moe_grouped_gemm,
             **fp8_fields(args),
             **_option_groups(args),

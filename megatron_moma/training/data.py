@@ -20,6 +20,7 @@ from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_moma.data.dataset import MixedModalDataset, MixedModalDatasetConfig
 from megatron_moma.data.vocabulary import VocabularyLayout
+from megatron_moma.training.arguments import ArgumentError
 
 Batch = Dict[str, torch.Tensor]  # tokens, labels, loss_mask, position_ids, modality_ids: [b, s]
 
@@ -30,12 +31,19 @@ class Splits:
     valid: Optional[MixedModalDataset]
 
 
-def _loss_weights(pairs: Optional[List[str]]) -> Optional[Dict[str, float]]:
+def _loss_weights(pairs: Optional[List[str]], vocab: VocabularyLayout) -> Optional[Dict[str, float]]:
+    """--modality-loss-weights (`name=weight`, checked by its argparse type) as {name: weight},
+    every name one of the dataset's modalities, each once."""
     if not pairs:
         return None
+    names = vocab.modality_layout.names
     weights = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
+        if name not in names or name in weights:
+            problem = "is given twice" if name in weights else "is not a modality of the dataset"
+            raise ArgumentError(f"--modality-loss-weights {pair}: {name!r} {problem} (the "
+                                f"dataset's modalities: {', '.join(names)})")
         weights[name] = float(value)
     return weights
 
@@ -52,7 +60,7 @@ def build_splits(args: argparse.Namespace, vocab: VocabularyLayout) -> Splits:
         split=args.split,
         path_to_cache=args.data_cache_path,
         vocabulary=vocab,
-        modality_loss_weights=_loss_weights(args.modality_loss_weights),
+        modality_loss_weights=_loss_weights(args.modality_loss_weights, vocab),
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=False,
         eod_mask_loss=args.eod_mask_loss,
@@ -60,7 +68,7 @@ def build_splits(args: argparse.Namespace, vocab: VocabularyLayout) -> Splits:
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(MixedModalDataset, sizes, lambda: True, config).build()
     if train is None:
-        raise ValueError(f"--split {args.split!r} leaves no training data")
+        raise ArgumentError(f"--split {args.split!r} leaves no training data")
     return Splits(train=train, valid=valid)
 
 

@@ -2,14 +2,12 @@
 
 Run with torchrun (one process per device), or as a single process. Flags: `--help`
 (megatron_moma.training.arguments); `--skip-train --load CKPT` evaluates the checkpoint and
-exits. Exit codes: 0 done (or saved and stopped on SIGTERM or --exit-interval), 2 invalid
-flags, 3 NaN/inf in the loss or gradients.
+exits. Exit codes: 0 done (or saved and stopped on SIGTERM, --exit-duration-in-mins or
+--exit-interval: docs/preemption.md), 2 invalid flags, 3 NaN/inf in the loss or gradients.
 """
 
-import argparse
 import os
 import sys
-import tempfile
 from typing import List, Optional
 
 import torch
@@ -20,13 +18,12 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from megatron_moma.command_line import CommandLineParser, report_argument_error
 from megatron_moma.platform import activate_platform, known_warnings
 from megatron_moma.training import checkpointing, configs, data, loop
-from megatron_moma.training.arguments import ArgumentError, parse_args
+from megatron_moma.training.arguments import ArgumentError, parse_args, validate_paths
 from megatron_moma.training.checkpointing import TrainState
 from megatron_moma.training.logging import TrainingLogger, print_rank_last
-
-EXIT_BAD_ARGUMENTS = 2
 
 
 def initialize_distributed(device: str) -> None:
@@ -40,9 +37,8 @@ def initialize_distributed(device: str) -> None:
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(backend)
-    else:
-        store = os.path.join(tempfile.mkdtemp(prefix="pretrain-moma-"), "store")
-        torch.distributed.init_process_group(backend, init_method=f"file://{store}", rank=0,
+    else:  # an in-memory store: no file or port for one process to leave behind
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
                                              world_size=1)
 
 
@@ -88,6 +84,7 @@ def build_run(args) -> loop.Run:
     vocab = configs.vocabulary(args)
     vocab_size = _padded_vocab_size(args, vocab.vocab_size)
     data_layout = vocab.modality_layout
+    splits = data.build_splits(args, vocab)  # before the model: data errors are flag errors
     config = configs.transformer_config(args, data_layout)
     chunks = loop.build_model(args, config, vocab_size)
     optimizer, scheduler = loop.build_optimizer(args, chunks)
@@ -103,12 +100,8 @@ def build_run(args) -> loop.Run:
             load_rng=not (args.no_load_rng or args.finetune))
         state = TrainState() if args.finetune or args.train_aux_routers else loaded
         print_rank_last(f" loaded checkpoint from {args.load} at iteration {loaded.iteration}")
-    elif args.train_aux_routers or args.skip_train:
-        flag = "--train-aux-routers" if args.train_aux_routers else "--skip-train"
-        raise ArgumentError(f"{flag}: no checkpoint in --load {args.load} "
-                            f"(no {checkpointing.TRACKER})")
     return loop.Run(args=args, config=config, vocab_size=vocab_size, chunks=chunks,
-                    optimizer=optimizer, scheduler=scheduler, splits=data.build_splits(args, vocab),
+                    optimizer=optimizer, scheduler=scheduler, splits=splits,
                     logger=TrainingLogger(args.train_iters, args.log_interval, args.tensorboard_dir,
                                           args.tensorboard_log_interval),
                     state=state, run_config=run_config, data_layout=data_layout)
@@ -117,19 +110,23 @@ def build_run(args) -> loop.Run:
 def pretrain(argv: Optional[List[str]] = None) -> int:
     """Parse, build and train on an initialised torch.distributed; returns the exit code."""
     args = parse_args(argv, world_size=torch.distributed.get_world_size())
+    validate_paths(args)
+    early_exit = loop.EarlyExit(args)
     fallbacks = known_warnings.fallback_report()
     if fallbacks:
         print_rank_last(fallbacks)
-    run = build_run(args)
     try:
-        return loop.evaluate_checkpoint(run) if args.skip_train else loop.train(run)
+        run = build_run(args)
+        try:
+            return loop.evaluate_checkpoint(run) if args.skip_train else loop.train(run, early_exit)
+        finally:
+            run.logger.close()
     finally:
-        run.logger.close()
         destroy_num_microbatches_calculator()
 
 
 def _requested_device(argv: List[str]) -> str:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = CommandLineParser(prog="pretrain-moma", add_help=False)
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
     device = parser.parse_known_args(argv)[0].device
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,14 +134,14 @@ def _requested_device(argv: List[str]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    initialize_distributed(_requested_device(argv))
     try:
+        initialize_distributed(_requested_device(argv))
         code = pretrain(argv)
     except ArgumentError as error:
-        print(f"pretrain-moma: error: {error}", file=sys.stderr, flush=True)
-        code = EXIT_BAD_ARGUMENTS
+        code = report_argument_error("pretrain-moma", error)
     parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return code
 
 

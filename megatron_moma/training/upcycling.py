@@ -15,6 +15,7 @@ written in torch_dist format, which loads under any TP/PP/EP layout.
 """
 
 import argparse
+import os
 import re
 import sys
 from typing import Dict, List, Optional
@@ -24,6 +25,13 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
+from megatron_moma.command_line import (
+    POSITIVE_INT,
+    ArgumentError,
+    CommandLineParser,
+    report_argument_error,
+    writable_directory_problem,
+)
 from megatron_moma.conversion.megatron_checkpoint import locate_checkpoint, read_run_config
 from megatron_moma.conversion.world_size_one import (
     build_world_size_one_model,
@@ -129,21 +137,44 @@ def _copy_into(model, source: Dict[str, torch.Tensor]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moma-upcycle", description=__doc__.split("\n")[0])
+    parser = CommandLineParser(prog="moma-upcycle", description=__doc__.split("\n")[0],
+                               allow_abbrev=False)
     parser.add_argument("--load", required=True, help="checkpoint root of the 1t1i or dense run")
     parser.add_argument("--save", required=True, help="checkpoint root to write the upcycled model")
-    parser.add_argument("--moma-experts-per-modality", type=int, nargs="+", required=True,
+    parser.add_argument("--moma-experts-per-modality", type=POSITIVE_INT, nargs="+", required=True,
                         help="experts of each modality group, text first: 4 4 is 4t4i")
     return parser
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """--load a checkpoint, --save a folder this process can write other than --load's, and
+    one --moma-experts-per-modality value per modality of the checkpoint's data."""
+    problem = writable_directory_problem(args.save)
+    if problem is not None:
+        raise ArgumentError(f"--save {args.save} {problem}")
+    root, iteration = locate_checkpoint(args.load)
+    if os.path.realpath(root) == os.path.realpath(args.save):
+        raise ArgumentError(f"--save {args.save} is the --load checkpoint; write the upcycled "
+                            "model to another folder")
+    saved = read_run_config(checkpointing.checkpoint_dir(root, iteration))
+    names = VocabularyLayout.from_dict(saved["vocabulary"]).modality_layout.names
+    groups = args.moma_experts_per_modality
+    if len(groups) != len(names):
+        raise ArgumentError(f"--moma-experts-per-modality {' '.join(map(str, groups))}: "
+                            f"{len(groups)} values, expected one per modality of the checkpoint's "
+                            f"data ({', '.join(names)})")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from megatron_moma.training.pretrain_moma import initialize_distributed
 
-    args = build_parser().parse_args(argv)
-    initialize_distributed("cpu")
     try:
+        args = build_parser().parse_args(argv)
+        _check_flags(args)
+        initialize_distributed("cpu")
         folder = upcycle(args.load, args.save, args.moma_experts_per_modality)
+    except ArgumentError as error:
+        return report_argument_error("moma-upcycle", error)
     except ValueError as error:
         print(f"moma-upcycle: error: {error}", file=sys.stderr)
         return 1
