@@ -46,11 +46,15 @@ def initialize_distributed(device: str) -> None:
                                              world_size=1)
 
 
-def _set_seeds(seed: int) -> None:
+def set_random_seeds(seed: int) -> None:
+    """Megatron-LM's seeding, on an initialised parallel state: each pipeline stage its own seed
+    (seed + 100 x stage), so stages never draw the same weights; the model-parallel RNG tracker
+    gives each TP rank its own stream (megatron-core's GPU initialisation of split weights)."""
     import random
 
     import numpy
 
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     numpy.random.seed(seed)
     torch.manual_seed(seed)
@@ -82,7 +86,7 @@ def build_run(args) -> loop.Run:
     """Parallel state, data, model, optimizer, and the state loaded from --load if any."""
     layout = configs.parallel_layout(args)
     layout.initialize()
-    _set_seeds(args.seed)
+    set_random_seeds(args.seed)
     init_num_microbatches_calculator(torch.distributed.get_rank(), None, args.global_batch_size,
                                      args.micro_batch_size, parallel_state.get_data_parallel_world_size())
     vocab = configs.vocabulary(args)
