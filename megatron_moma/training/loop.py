@@ -154,12 +154,13 @@ def _global_loss_sums(loss_dicts, names: List[str], device) -> torch.Tensor:
     return sums
 
 
-def _global_token_counts(batches: List[data.Batch], layout: ModalityLayout) -> torch.Tensor:
-    """[num_modalities] input tokens of each of the model's modalities in the global batch."""
+def _global_token_counts(batches: List[data.Batch], layout: ModalityLayout, device) -> torch.Tensor:
+    """[num_modalities] input tokens of each of the model's modalities in the global batch (on
+    `device`: NCCL reduces CUDA tensors only)."""
     counts = torch.stack([
         torch.bincount(layout.modality_ids(b["tokens"]).reshape(-1), minlength=layout.num_modalities)
         for b in batches
-    ]).sum(0).double()
+    ]).sum(0).double().to(device)
     torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts
 
@@ -170,7 +171,7 @@ def _as_means(sums: torch.Tensor, names: List[str]) -> Dict[str, float]:
 
 
 def _forward_backward(run: Run, batches: List[data.Batch], forward_only: bool):
-    scale_auxiliary_losses(len(batches))
+    scale_auxiliary_losses(len(batches), run.args.device)
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, run.args.device, run.data_layout),
         data_iterator=data.batch_iterators(batches, len(run.chunks)),
@@ -204,7 +205,7 @@ def train_step(run: Run) -> StepMetrics:
     _check_finite(grad_norm, "the gradient norm", state.iteration + 1)
     run.scheduler.step(increment=args.global_batch_size)
     layout = run.config.modality_layout
-    tokens = dict(zip(layout.names, _global_token_counts(batches, layout).tolist()))
+    tokens = dict(zip(layout.names, _global_token_counts(batches, layout, args.device).tolist()))
     return StepMetrics(losses=losses, tokens=tokens, grad_norm=float(grad_norm),
                        learning_rate=run.optimizer.param_groups[0]["lr"], num_zeros=num_zeros)
 
@@ -237,10 +238,12 @@ def evaluate_checkpoint(run: Run) -> int:
 
 
 class ExitSignal:
-    """Remembers a SIGTERM (Slurm preemption); `received()` agrees across all ranks."""
+    """Remembers a SIGTERM (Slurm preemption); `received()` agrees across all ranks (a
+    collective on `device`)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, device):
         self.caught = False
+        self.device = device
         if enabled:
             signal.signal(signal.SIGTERM, self._handle)
 
@@ -248,7 +251,7 @@ class ExitSignal:
         self.caught = True
 
     def received(self) -> bool:
-        flag = torch.tensor([1.0 if self.caught else 0.0])
+        flag = torch.tensor([1.0 if self.caught else 0.0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -279,7 +282,7 @@ def save(run: Run) -> None:
 def train(run: Run) -> int:
     """Train from `run.state` to --train-iters; returns the process exit code."""
     args, state = run.args, run.state
-    exit_signal = ExitSignal(args.exit_signal_handler)
+    exit_signal = ExitSignal(args.exit_signal_handler, args.device)
     for chunk in run.chunks:
         chunk.train()
     saved_at = state.iteration
