@@ -71,6 +71,22 @@ def test_moma_takes_megatron_expert_tensor_parallelism():
     assert args.expert_tensor_parallel_size == 2 and args.data_parallel_size == 2
 
 
+def test_moma_expert_choice_takes_tensor_parallelism_without_sequence_parallelism():
+    """The layer under TP without SP equals world size 1 (tests/test_parallel_equivalence.py,
+    moma-expert-choice-tp2-*); token choice needs SP, as Megatron's MoE."""
+    from megatron_moma.modality import ModalityLayout
+    from megatron_moma.training import configs
+
+    moma = ["--architecture", "moma", "--disable-bias-linear", "--moma-experts-per-modality", "2", "2"]
+    args = parse_args(REQUIRED + moma + ["--tensor-model-parallel-size", "2"], world_size=2)
+    config = configs.transformer_config(args, ModalityLayout.text_and_image(32, 63))
+    assert config.tensor_model_parallel_size == 2 and not config.sequence_parallel
+    with pytest.raises(ArgumentError, match="--moma-routing token_choice with "
+                                            "--tensor-model-parallel-size > 1 needs --sequence-parallel"):
+        parse_args(REQUIRED + moma + ["--tensor-model-parallel-size", "2", "--moma-routing",
+                                      "token_choice"], world_size=2)
+
+
 def test_skip_train_needs_no_learning_rate():
     args = parse_args([a for a in REQUIRED if a not in ("--lr", "1e-3")] + ["--skip-train", "--load", "ckpt"])
     assert args.skip_train and args.lr == 0.0

@@ -344,8 +344,10 @@ def _validate_moma(args: argparse.Namespace) -> None:
     if "moma" not in args.architecture:
         return
     _require(args.disable_bias_linear, "MoMa experts need --disable-bias-linear (as Megatron's MoE on CPU)")
-    _require(args.tensor_model_parallel_size == 1 or args.sequence_parallel,
-             "MoMa with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    _require(args.tensor_model_parallel_size == 1 or args.sequence_parallel
+             or args.moma_routing == "expert_choice",
+             "MoMa --moma-routing token_choice with --tensor-model-parallel-size > 1 needs "
+             "--sequence-parallel (as Megatron's MoE)")
     expert_tp = expert_tensor_parallel_size(args)
     _require(args.ffn_hidden_size % expert_tp == 0,
              f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by the expert-tensor-parallel "
