@@ -2,7 +2,12 @@
 
 import pytest
 
-from megatron_moma.training.arguments import ArgumentError, parse_args, virtual_pipeline_size
+from megatron_moma.training.arguments import (
+    ArgumentError,
+    lr_schedule_iters,
+    parse_args,
+    virtual_pipeline_size,
+)
 
 REQUIRED = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
             "--seq-length", "32", "--train-iters", "10", "--lr", "1e-3", "--data-path", "data/x"]
@@ -19,7 +24,7 @@ def test_megatron_lm_defaults_and_derived_values():
     assert (args.hidden_dropout, args.attention_dropout, args.init_method_std) == (0.1, 0.1, 0.02)
     # Derived as Megatron-LM derives them.
     assert args.ffn_hidden_size == 256 and args.kv_channels == 16
-    assert args.max_position_embeddings == 32 and args.lr_decay_iters == 10
+    assert args.max_position_embeddings == 32 and lr_schedule_iters(args) == (0, 10)
     assert args.data_parallel_size == 4 and args.global_batch_size == 4
 
 
@@ -114,3 +119,12 @@ def test_one_expert_group_on_mixed_modal_data_is_the_mixed_moe_baseline():
     assert per_modality.modality_layout == data
     with pytest.raises(ArgumentError, match="one expert group for every modality.*needs --architecture moma"):
         transformer_config(parse_args(REQUIRED + ["--architecture", "mot+moma"] + moma), data)
+
+
+def test_lr_schedule_restarted_at_an_iteration_decays_over_the_iterations_left():
+    """Megatron-LM's --lr-decay-iters: the schedule's length, by default up to --train-iters."""
+    args = parse_args(REQUIRED + ["--train-iters", "100", "--lr-warmup-fraction", "0.1"])
+    assert lr_schedule_iters(args) == (10, 100)
+    assert lr_schedule_iters(args, start_iteration=60) == (4, 40)
+    args = parse_args(REQUIRED + ["--lr-decay-iters", "8", "--lr-warmup-iters", "2"])
+    assert lr_schedule_iters(args, start_iteration=5) == (2, 8)

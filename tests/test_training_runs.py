@@ -190,11 +190,15 @@ def test_upcycled_1t1i_resumes_with_copied_experts_fresh_schedule_and_kept_data_
         "moma_gumbel_noise"] is True
 
     resume = MOMA_2T2I + ["--moma-gumbel-noise", "--global-batch-size", "4", "--lr", "1e-2",
-                          "--lr-warmup-iters", "2", "--expert-model-parallel-size", "2"]
+                          "--min-lr", "1e-4", "--lr-warmup-iters", "2",
+                          "--expert-model-parallel-size", "2"]
     assert _train(2, _args(data_path, root, "resumed", 9, *resume, "--load", second)) == 0
-    learning_rate = _scalars(os.path.join(root, "tb-resumed"), "learning-rate")
+    learning_rate = _scalars(os.path.join(root, "tb-resumed"), "learning-rate")  # after each step
     assert sorted(learning_rate) == [7, 8, 9]
     assert learning_rate[7] == pytest.approx(0.5e-2)  # the warm-up starts again
+    assert learning_rate[8] == pytest.approx(1e-2)
+    # The fresh schedule decays over the 3 iterations left (not --train-iters 9): --min-lr at the end.
+    assert learning_rate[9] == pytest.approx(1e-4)
     samples = _scalars(os.path.join(root, "tb-resumed"), "lm loss vs samples")
     assert sorted(samples) == [28, 32, 36]  # the data position continues after 6 x 4 samples
     initial = _scalars(os.path.join(root, "tb-1t1i"), "lm loss")[1]

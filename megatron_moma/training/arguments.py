@@ -9,7 +9,7 @@ groups of the model are built from the flags in `megatron_moma.training.configs`
 
 import argparse
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_moma.config.fp8 import FP8_FORMATS, FP8_RECIPES
 from megatron_moma.config.mod import INFERENCE_ROUTINGS as MOD_INFERENCE_ROUTINGS
@@ -242,10 +242,6 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
     if args.lr is None and args.skip_train:
         args.lr = 0.0  # nothing is trained
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_fraction is not None:
-        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     if args.device is None:
         import torch
 
@@ -278,9 +274,10 @@ def validate(args: argparse.Namespace) -> None:
     _require(args.world_size % expert_ranks == 0,
              f"world size {args.world_size} is not divisible by --expert-tensor-parallel-size x "
              f"--expert-model-parallel-size x --pipeline-model-parallel-size = {expert_ranks}")
-    _require(args.lr_warmup_iters < args.lr_decay_iters,
-             f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
-             f"{args.lr_decay_iters} (default --train-iters)")
+    warmup_iters, decay_iters = lr_schedule_iters(args)
+    _require(warmup_iters < decay_iters,
+             f"--lr-warmup-iters {warmup_iters} must be smaller than --lr-decay-iters "
+             f"{decay_iters} (default --train-iters)")
     _require(not args.use_distributed_optimizer or args.optimizer == "adam",
              "--use-distributed-optimizer supports --optimizer adam only (as megatron-core)")
     _require(args.save_interval is None or args.save is not None, "--save-interval needs --save")
@@ -387,6 +384,17 @@ def _validate_fp8(args: argparse.Namespace) -> None:
     _require(args.hidden_size % 16 == 0 and args.ffn_hidden_size % 16 == 0,
              f"--fp8-format needs --hidden-size ({args.hidden_size}) and --ffn-hidden-size "
              f"({args.ffn_hidden_size}) divisible by 16")
+
+
+def lr_schedule_iters(args: argparse.Namespace, start_iteration: int = 0) -> Tuple[int, int]:
+    """(warm-up, decay) iterations of an LR schedule that starts at iteration `start_iteration`
+    (a fresh schedule on a resumed checkpoint: an upcycled one). Megatron-LM's semantics:
+    --lr-decay-iters counts the schedule's iterations, by default those left to --train-iters,
+    so the LR reaches --min-lr at the last iteration; --lr-warmup-fraction is a share of them."""
+    decay = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters - start_iteration
+    if args.lr_warmup_fraction is not None:
+        return int(args.lr_warmup_fraction * decay), decay
+    return args.lr_warmup_iters, decay
 
 
 def expert_tensor_parallel_size(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ from megatron_moma.models import build_gpt_model
 from megatron_moma.models.aux_router_stage import train_only_auxiliary_routers
 from megatron_moma.modality import ModalityLayout
 from megatron_moma.training import checkpointing, data
-from megatron_moma.training.arguments import ArgumentError
+from megatron_moma.training.arguments import ArgumentError, lr_schedule_iters
 from megatron_moma.training.checkpointing import TrainState
 from megatron_moma.training.configs import optimizer_config
 from megatron_moma.training.flops import training_flops
@@ -93,17 +93,19 @@ def build_model(args, config: ModalityTransformerConfig, vocab_size: int) -> Lis
     return chunks
 
 
-def build_optimizer(args, chunks) -> Tuple[object, OptimizerParamScheduler]:
-    """Megatron's optimizer and its LR/WD scheduler, stepped in samples as in Megatron-LM."""
+def build_optimizer(args, chunks, start_iteration: int = 0) -> Tuple[object, OptimizerParamScheduler]:
+    """Megatron's optimizer and its LR/WD scheduler, stepped in samples as in Megatron-LM; the
+    schedule starts at `start_iteration` (see `lr_schedule_iters`)."""
     optimizer = get_megatron_optimizer(optimizer_config(args), chunks)
     gbs = args.global_batch_size
+    warmup_iters, decay_iters = lr_schedule_iters(args, start_iteration)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=args.lr_warmup_init,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * gbs,
-        lr_decay_steps=args.lr_decay_iters * gbs,
+        lr_warmup_steps=warmup_iters * gbs,
+        lr_decay_steps=decay_iters * gbs,
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,

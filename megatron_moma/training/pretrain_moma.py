@@ -13,7 +13,7 @@ import tempfile
 from typing import List, Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.num_microbatches_calculator import (
     destroy_num_microbatches_calculator,
     init_num_microbatches_calculator,
@@ -82,6 +82,21 @@ def _padded_vocab_size(args, vocab_size: int) -> int:
     return padded
 
 
+def lr_schedule_start(args) -> int:
+    """The iteration the LR schedule starts at: that of the --load checkpoint when the run
+    resumes it without its scheduler state (an upcycled checkpoint has none; --no-load-optim),
+    so that the fresh schedule decays over the iterations left; else 0 (a fresh run,
+    --finetune and --train-aux-routers restart at iteration 0, a loaded scheduler knows its
+    step)."""
+    iteration = checkpointing.read_tracker(args.load) if args.load else None
+    if iteration is None or args.finetune or args.train_aux_routers or args.skip_train:
+        return 0
+    common = dist_checkpointing.load_common_state_dict(checkpointing.checkpoint_dir(args.load, iteration))
+    if common["content"]["optimizer"] and not args.no_load_optim:
+        return 0
+    return common["train_state"]["iteration"]
+
+
 def build_run(args) -> loop.Run:
     """Parallel state, data, model, optimizer, and the state loaded from --load if any."""
     layout = configs.parallel_layout(args)
@@ -94,7 +109,7 @@ def build_run(args) -> loop.Run:
     data_layout = vocab.modality_layout
     config = configs.transformer_config(args, data_layout)
     chunks = loop.build_model(args, config, vocab_size)
-    optimizer, scheduler = loop.build_optimizer(args, chunks)
+    optimizer, scheduler = loop.build_optimizer(args, chunks, lr_schedule_start(args))
     run_config = checkpointing.make_run_config(args, vocab, vocab_size, config.architecture,
                                               torch.distributed.get_world_size())
     state = TrainState()
