@@ -182,6 +182,20 @@ def test_training_matches_reference(options, image_share):
         assert taken["text"] > 0, "expert choice took no text token: nothing was compared"
 
 
+def test_aux_routers_learn_the_noise_free_assignment_under_gumbel_noise():
+    """With Gumbel noise the layer routes by noisy scores, but the auxiliary routers' targets
+    are the expert choice of the noise-free scores: what the main routers decide at inference."""
+    options = MoMaOptions(experts_per_modality=(4, 4), gumbel_noise=True)
+    out, ref_out, _, _, grads, ref_grads, _ = run_on_ranks(
+        _compare_with_reference, 1, options, 7, 0.5, True, timeout=120
+    )[0]
+    assert not torch.allclose(out, ref_out, **TOLERANCE), "the noise changed nothing: weak test"
+    aux = [name for name in grads if name.startswith("aux_routers.")]
+    assert aux
+    for name in aux:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOLERANCE, msg=name)
+
+
 def test_aux_router_inference_matches_reference():
     options = MoMaOptions(experts_per_modality=(4, 4))
     out, ref_out, x_grad, ref_x_grad, grads, ref_grads, taken = run_on_ranks(

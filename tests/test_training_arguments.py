@@ -128,3 +128,19 @@ def test_lr_schedule_restarted_at_an_iteration_decays_over_the_iterations_left()
     assert lr_schedule_iters(args, start_iteration=60) == (4, 40)
     args = parse_args(REQUIRED + ["--lr-decay-iters", "8", "--lr-warmup-iters", "2"])
     assert lr_schedule_iters(args, start_iteration=5) == (2, 8)
+
+
+def test_aux_router_stage_runs_the_frozen_model_without_dropout_or_router_noise():
+    """Stage 2 learns the assignments inference makes: no dropout, no Gumbel noise."""
+    from megatron_moma.modality import ModalityLayout
+    from megatron_moma.training import configs
+
+    moma = ["--architecture", "moma", "--disable-bias-linear", "--moma-experts-per-modality", "2", "2",
+            "--moma-gumbel-noise", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+    layout = ModalityLayout.text_and_image(32, 63)
+    stage_one = configs.transformer_config(parse_args(REQUIRED + moma), layout)
+    assert stage_one.moma.gumbel_noise and stage_one.hidden_dropout == stage_one.attention_dropout == 0.1
+    stage_two = configs.transformer_config(
+        parse_args(REQUIRED + moma + ["--train-aux-routers", "--load", "ckpt"]), layout)
+    assert not stage_two.moma.gumbel_noise
+    assert stage_two.hidden_dropout == stage_two.attention_dropout == 0.0

@@ -189,10 +189,15 @@ def test_upcycled_1t1i_resumes_with_copied_experts_fresh_schedule_and_kept_data_
     assert checkpointing.read_run_config(checkpointing.checkpoint_dir(second, 6))["arguments"][
         "moma_gumbel_noise"] is True
 
-    resume = MOMA_2T2I + ["--moma-gumbel-noise", "--global-batch-size", "4", "--lr", "1e-2",
+    resume = MOMA_2T2I + ["--global-batch-size", "4", "--lr", "1e-2",
                           "--min-lr", "1e-4", "--lr-warmup-iters", "2",
                           "--expert-model-parallel-size", "2"]
-    assert _train(2, _args(data_path, root, "resumed", 9, *resume, "--load", second)) == 0
+    third = os.path.join(root, "resumed")
+    assert _train(2, _args(data_path, root, "resumed", 9, *resume, "--load", second,
+                           "--save", third)) == 0
+    # Router noise is on as the upcycled run config says, without --moma-gumbel-noise.
+    assert checkpointing.read_run_config(checkpointing.checkpoint_dir(third, 9))["arguments"][
+        "moma_gumbel_noise"] is True
     learning_rate = _scalars(os.path.join(root, "tb-resumed"), "learning-rate")  # after each step
     assert sorted(learning_rate) == [7, 8, 9]
     assert learning_rate[7] == pytest.approx(0.5e-2)  # the warm-up starts again

@@ -45,6 +45,16 @@ class ExpertChoiceRouter(MegatronModule):
             logits = logits + gumbel[0] - gumbel[1]
         return torch.sigmoid(logits)
 
+    def adds_noise(self) -> bool:
+        """Whether `forward` now adds Gumbel noise (training with `gumbel_noise`)."""
+        return self.gumbel_noise and self.training
+
+    @torch.no_grad()
+    def noise_free_scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [n, h] -> sigmoid(x W^T) [n, num_experts] without noise, detached: the scores
+        the auxiliary routers learn to imitate (inference sees no noise)."""
+        return torch.sigmoid(F.linear(tokens, self.weight))
+
 
 class AuxiliaryRouter(MegatronModule):
     """Causal stand-in for expert choice: a(x) = sigmoid(silu(x W1) W2), d -> d/2 -> outputs.

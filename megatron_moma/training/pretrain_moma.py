@@ -97,8 +97,21 @@ def lr_schedule_start(args) -> int:
     return common["train_state"]["iteration"]
 
 
+def restore_saved_router_noise(args) -> None:
+    """--moma-gumbel-noise from the --load checkpoint's run config: moma-upcycle switches it on
+    there (the paper trains upcycled models with router noise), and a resumed run keeps it."""
+    iteration = checkpointing.read_tracker(args.load) if args.load else None
+    if iteration is None:
+        return
+    saved = checkpointing.read_run_config(checkpointing.checkpoint_dir(args.load, iteration))
+    if saved["arguments"].get("moma_gumbel_noise") and not args.moma_gumbel_noise:
+        print_rank_last(f" --moma-gumbel-noise: on, as saved in {args.load}")
+        args.moma_gumbel_noise = True
+
+
 def build_run(args) -> loop.Run:
     """Parallel state, data, model, optimizer, and the state loaded from --load if any."""
+    restore_saved_router_noise(args)
     layout = configs.parallel_layout(args)
     layout.initialize()
     set_random_seeds(args.seed)
