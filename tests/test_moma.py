@@ -196,6 +196,44 @@ def test_aux_routers_learn_the_noise_free_assignment_under_gumbel_noise():
         torch.testing.assert_close(grads[name], ref_grads[name], **TOLERANCE, msg=name)
 
 
+def _token_choice_router_grads_from_the_load_balancing_loss(coeff: float):
+    """Router gradients of a token-choice layer whose output gets no gradient: only Megatron's
+    load-balancing loss (moe_aux_loss_coeff) reaches the routers. Returns (grads, reference)."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(3)
+    topk, experts = 2, (4, 3)
+    layer = build_layer(MoMaOptions(experts_per_modality=experts, routing="token_choice",
+                                    token_choice_topk=topk), moe_aux_loss_coeff=coeff)
+    layer.set_layer_number(1)
+    layer.train()
+    x, modality_ids_bs, _ = random_batch(5)
+    run_layer(layer, x, modality_ids_bs, torch.zeros_like(x))
+    flat_x, flat_ids = x.reshape(-1, HIDDEN), modality_ids_bs.t().reshape(-1)
+    grads, reference = {}, {}
+    for modality, (name, num_experts) in enumerate(zip(("text", "image"), experts)):
+        weight = layer.routers[name].weight.detach().clone().requires_grad_(True)
+        probs = torch.softmax(flat_x[flat_ids == modality] @ weight.t(), dim=-1)
+        tokens = probs.shape[0]
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(topk, dim=-1).indices, 1.0)
+        # Switch Transformer: E * sum_i f_i P_i, f_i the share of the top-k slots of expert i.
+        fraction, mean_prob = chosen.sum(0) / (tokens * topk), probs.mean(0)
+        (coeff * num_experts * (fraction * mean_prob).sum()).backward()
+        grads[name], reference[name] = layer.routers[name].weight.grad, weight.grad
+    return grads, reference
+
+
+@pytest.mark.parametrize("coeff", [0.0, 0.1])
+def test_token_choice_load_balancing_loss_takes_moe_aux_loss_coeff(coeff):
+    grads, reference = run_on_ranks(
+        _token_choice_router_grads_from_the_load_balancing_loss, 1, coeff, timeout=120)[0]
+    for name in ("text", "image"):
+        assert (coeff == 0) == (grads[name] is None or not grads[name].any()), name
+        if coeff:
+            torch.testing.assert_close(grads[name], reference[name], **TOLERANCE, msg=name)
+
+
 def test_aux_router_inference_matches_reference():
     options = MoMaOptions(experts_per_modality=(4, 4))
     out, ref_out, x_grad, ref_x_grad, grads, ref_grads, taken = run_on_ranks(

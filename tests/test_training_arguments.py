@@ -144,3 +144,21 @@ def test_aux_router_stage_runs_the_frozen_model_without_dropout_or_router_noise(
         parse_args(REQUIRED + moma + ["--train-aux-routers", "--load", "ckpt"]), layout)
     assert not stage_two.moma.gumbel_noise
     assert stage_two.hidden_dropout == stage_two.attention_dropout == 0.0
+
+
+def test_token_choice_takes_megatron_lm_router_loss_flags():
+    """Megatron-LM's --moe-aux-loss-coeff (default 0) and --moe-z-loss-coeff reach the routers
+    (tests/test_moma.py checks the loss they weight); expert choice has no such loss."""
+    from megatron_moma.modality import ModalityLayout
+    from megatron_moma.training import configs
+
+    token_choice = ["--architecture", "moma", "--disable-bias-linear", "--moma-experts-per-modality",
+                    "2", "2", "--moma-routing", "token_choice"]
+    layout = ModalityLayout.text_and_image(32, 63)
+    default = configs.transformer_config(parse_args(REQUIRED + token_choice), layout)
+    assert default.moe_aux_loss_coeff == 0.0 and default.moe_z_loss_coeff is None
+    config = configs.transformer_config(parse_args(REQUIRED + token_choice + [
+        "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001"]), layout)
+    assert config.moe_aux_loss_coeff == 0.01 and config.moe_z_loss_coeff == 0.001
+    with pytest.raises(ArgumentError, match="need --moma-routing token_choice"):
+        parse_args(REQUIRED + token_choice[:-2] + ["--moe-aux-loss-coeff", "0.01"])

@@ -105,6 +105,11 @@ def _architecture(parser):
                        help="evaluation routing: expert_choice (looks ahead) or aux (causal)")
     group.add_argument("--moma-no-aux-router", action="store_true")
     group.add_argument("--moma-aux-loss-coeff", type=float, default=1.0)
+    group.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
+                       help="Megatron-LM's: weight of the load-balancing loss of --moma-routing "
+                            "token_choice (Switch Transformer's, per expert group)")
+    group.add_argument("--moe-z-loss-coeff", type=float, default=None,
+                       help="Megatron-LM's: weight of the router z-loss of token choice")
     group.add_argument("--moe-grouped-gemm", action="store_true",
                        help="Megatron-LM's: MoMa experts as grouped GEMMs (TEGroupedMLP with "
                             "Transformer Engine, torch's grouped matmul without)")
@@ -345,6 +350,10 @@ def _validate_moma(args: argparse.Namespace) -> None:
              or args.moma_routing == "expert_choice",
              "MoMa --moma-routing token_choice with --tensor-model-parallel-size > 1 needs "
              "--sequence-parallel (as Megatron's MoE)")
+    _require(args.moma_routing == "token_choice" or (not args.moe_aux_loss_coeff
+                                                      and args.moe_z_loss_coeff is None),
+             "--moe-aux-loss-coeff and --moe-z-loss-coeff weight token choice's router losses: "
+             "they need --moma-routing token_choice")
     expert_tp = expert_tensor_parallel_size(args)
     _require(args.ffn_hidden_size % expert_tp == 0,
              f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by the expert-tensor-parallel "

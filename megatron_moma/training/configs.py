@@ -147,6 +147,8 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
             batch_p2p_comm=args.device != "cpu",
             modality_layout=routing_layout(args, layout),
             moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
             **fp8_fields(args),
             **_option_groups(args),
         )
