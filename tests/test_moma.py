@@ -234,6 +234,30 @@ def test_token_choice_load_balancing_loss_takes_moe_aux_loss_coeff(coeff):
             torch.testing.assert_close(grads[name], reference[name], **TOLERANCE, msg=name)
 
 
+def _outputs_with_and_without_padding_rows():
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(2)
+    layer = build_layer(MoMaOptions(experts_per_modality=(4, 2)))
+    layer.train()
+    x, modality_ids_bs, grad = random_batch(9)
+    plain, _ = run_layer(layer, x, modality_ids_bs, grad)
+    padding = torch.full((BATCH, 5), LAYOUT.num_modalities)  # MoD's padding rows, last
+    padded_x = torch.cat([x, torch.randn(5, BATCH, HIDDEN)])
+    padded, _ = run_layer(layer, padded_x, torch.cat([modality_ids_bs, padding], dim=1),
+                          torch.cat([grad, torch.randn(5, BATCH, HIDDEN)]))
+    return plain, padded
+
+
+def test_padding_rows_are_routed_to_no_expert():
+    """Rows of the padding id (a MoD layer's batch scope) take no expert capacity: the other
+    rows' outputs are unchanged and the padding's are 0."""
+    plain, padded = run_on_ranks(_outputs_with_and_without_padding_rows, 1, timeout=120)[0]
+    torch.testing.assert_close(padded[:SEQ], plain, rtol=0, atol=0)
+    assert not padded[SEQ:].any()
+
+
 def test_aux_router_inference_matches_reference():
     options = MoMaOptions(experts_per_modality=(4, 4))
     out, ref_out, x_grad, ref_x_grad, grads, ref_grads, taken = run_on_ranks(

@@ -162,3 +162,13 @@ def test_token_choice_takes_megatron_lm_router_loss_flags():
     assert config.moe_aux_loss_coeff == 0.01 and config.moe_z_loss_coeff == 0.001
     with pytest.raises(ArgumentError, match="need --moma-routing token_choice"):
         parse_args(REQUIRED + token_choice[:-2] + ["--moe-aux-loss-coeff", "0.01"])
+
+
+def test_mod_topk_scope_defaults_to_the_batch():
+    from megatron_moma.modality import ModalityLayout
+    from megatron_moma.training import configs
+
+    layout = ModalityLayout.text_and_image(32, 63)
+    assert configs.transformer_config(parse_args(REQUIRED + ["--mod"]), layout).mod.topk_scope == "batch"
+    sequence = parse_args(REQUIRED + ["--mod", "--mod-topk-scope", "sequence"])
+    assert configs.transformer_config(sequence, layout).mod.topk_scope == "sequence"

@@ -43,10 +43,13 @@ def apply_per_modality(fn, rows: torch.Tensor, index: ModalityIndex, names: Sequ
 
 def apply_grouped(fn, grouped: torch.Tensor, index: ModalityIndex, names: Sequence[str]):
     """`apply_per_modality` on rows already grouped by modality (`index.group`); the output
-    [n, ...] stays grouped."""
+    [n, ...] stays grouped. Padding rows (modality id `index.num_modalities`, grouped last)
+    get the first weight set: their outputs are dropped by whoever padded."""
     if len(names) == 1:
         return fn(names[0], grouped)
-    return torch.cat([fn(name, part) for name, part in zip(names, index.split(grouped))])
+    parts = index.split(grouped)
+    return torch.cat([fn(name, part) for name, part in zip(names, parts)]
+                     + [fn(names[0], part) for part in parts[len(names):]])
 
 
 class ModalityLinear(MegatronModule):

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_moma.config.fp8 import FP8_FORMATS, FP8_RECIPES
 from megatron_moma.config.mod import INFERENCE_ROUTINGS as MOD_INFERENCE_ROUTINGS
+from megatron_moma.config.mod import TOPK_SCOPES as MOD_TOPK_SCOPES
 from megatron_moma.config.moma import INFERENCE_ROUTINGS as MOMA_INFERENCE_ROUTINGS
 from megatron_moma.config.moma import ROUTINGS as MOMA_ROUTINGS
 from megatron_moma.config.mot import NORM_PLACEMENTS, UNTIE_CHOICES
@@ -117,6 +118,9 @@ def _architecture(parser):
                        default=sorted(UNTIE_CHOICES))
     group.add_argument("--mot-norm-placement", choices=NORM_PLACEMENTS, default="pre")
     group.add_argument("--mod-capacity", type=float, default=0.25)
+    group.add_argument("--mod-topk-scope", choices=MOD_TOPK_SCOPES, default="batch",
+                       help="tokens a MoD layer's top-k ranks: the micro-batch's (the MoMa "
+                            "paper's) or each sequence's (the MoD paper's)")
     group.add_argument("--mod-layers", type=int, nargs="+", default=None,
                        help="0-based MoD layers (default: alternating from layer 0)")
     group.add_argument("--mod-inference-routing", choices=MOD_INFERENCE_ROUTINGS, default="aux")

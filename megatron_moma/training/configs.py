@@ -92,6 +92,7 @@ def _option_groups(args: argparse.Namespace) -> Dict[str, Optional[object]]:
     if args.mod:
         mod = MoDOptions(
             capacity=args.mod_capacity,
+            topk_scope=args.mod_topk_scope,
             layers=tuple(args.mod_layers) if args.mod_layers is not None else None,
             aux_router=not args.mod_no_aux_router,
             inference_routing=args.mod_inference_routing,
