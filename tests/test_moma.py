@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from megatron_moma.config import ModalityTransformerConfig, MoMaOptions
 from megatron_moma.layers.moma import MoMaMLP
+from megatron_moma.layers.routers import ExpertChoiceRouter
 from megatron_moma.modality import ModalityIndex, ModalityLayout
 from megatron_moma.modality.context import ModalityContext, attach_context
 from megatron_moma.specs import get_moma_layer_spec
@@ -367,6 +368,35 @@ def _router_scores_with_gumbel_noise():
         noisy = router(tokens)
         router.eval()
         return clean, noisy, router(tokens)
+
+
+def _gumbel_noise_of_each_tp_rank(sequence_parallel: bool):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    model_parallel_cuda_manual_seed(5)
+    config = ModalityTransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, use_cpu_initialization=True,
+        tensor_model_parallel_size=2, sequence_parallel=sequence_parallel, add_bias_linear=False,
+        modality_layout=LAYOUT, moma=MoMaOptions(experts_per_modality=(4, 4), gumbel_noise=True),
+    )
+    router = ExpertChoiceRouter(config, num_experts=4, gumbel_noise=True)
+    tokens = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.logit(router(tokens).double()) - tokens.double() @ router.weight.double().t()
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_gumbel_noise_under_tensor_parallelism(sequence_parallel):
+    """Without SP the TP ranks route the same tokens: the same noise on both. Under SP each rank
+    scores its own tokens: independent noise (the same draws would correlate the chunks)."""
+    first, second = run_on_ranks(_gumbel_noise_of_each_tp_rank, 2, sequence_parallel, timeout=120)
+    assert first.abs().mean() > 0.5  # noise was added
+    if sequence_parallel:
+        assert abs(float(torch.corrcoef(torch.stack([first.view(-1), second.view(-1)]))[0, 1])) < 0.2
+    else:
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 def test_gumbel_sigmoid_noise_is_logistic_and_training_only():
