@@ -16,6 +16,7 @@ CPU ones in tests/test_ops_dispatch.py.
 The CPU reference process: python tests/test_gpu.py CASE OUTPUT (with CUDA_VISIBLE_DEVICES="").
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -331,6 +332,43 @@ def test_te_fp8_experts_against_bf16(megatron_on_gpu, recipe, grouped):
                   if reference[2][n].any()))
     print(recipe, "grouped" if grouped else "sequential", errors)
     assert 0.01 < errors[0] < 0.10 and 0.01 < errors[1] < 0.15 and errors[2] < 0.12
+
+
+# ------------------------------------------------------------------------ the trainer on a GPU
+TRAINER_ARCHITECTURES = {
+    "dense": ["--architecture", "dense"],
+    "moma": ["--architecture", "moma", "--moma-experts-per-modality", "2", "2"],
+    "moma-token-choice": ["--architecture", "moma", "--moma-experts-per-modality", "2", "2",
+                          "--moma-routing", "token_choice"],
+    "mot": ["--architecture", "mot"],
+    "mot+moma": ["--architecture", "mot+moma", "--moma-experts-per-modality", "2", "2"],
+    "moma+mod": ["--architecture", "moma", "--moma-experts-per-modality", "2", "2", "--mod"],
+    "mot+mod": ["--architecture", "mot", "--mod"],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("architecture", list(TRAINER_ARCHITECTURES))
+def test_pretrain_moma_trains_on_one_gpu(data_path, tmp_path, architecture):
+    """A few iterations of the real command on one GPU (NCCL): the auxiliary losses' backward,
+    the loss and statistics collectives, evaluation and the SIGTERM check all run on CUDA
+    tensors; the losses are finite and every step is logged."""
+    from megatron_moma.testing.trainer_runs import TINY_TRAINER_FLAGS, tensorboard_scalars
+
+    flags = [flag if flag != "cpu" else "cuda" for flag in TINY_TRAINER_FLAGS]
+    argv = flags + TRAINER_ARCHITECTURES[architecture] + [
+        "--data-path", data_path, "--train-iters", "3", "--global-batch-size", "4",
+        "--lr", "1e-3", "--eval-interval", "3", "--eval-iters", "1", "--bf16",
+        "--exit-signal-handler", "--tensorboard-dir", str(tmp_path / "tb"),
+        "--save", str(tmp_path / "ckpt")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPOSITORY, os.environ.get("PYTHONPATH", "")]),
+               CUDA_DEVICE_MAX_CONNECTIONS="1")
+    completed = subprocess.run([sys.executable, "-m", "megatron_moma.training.pretrain_moma", *argv],
+                               env=env, timeout=600, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    losses = tensorboard_scalars(str(tmp_path / "tb"), "lm loss")
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values()), losses
+    assert math.isfinite(tensorboard_scalars(str(tmp_path / "tb"), "lm loss validation")[3])
 
 
 if __name__ == "__main__":

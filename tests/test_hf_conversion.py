@@ -442,8 +442,6 @@ def _bad_inputs(saved, exported, tmp_path, data_path, tokenizer_folder):
          "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
         (["import-hf", "--hf", hf, "--expert-model-parallel-size", "4"], 2,
          "every group must be divisible by --expert-model-parallel-size 4"),
-        (["import-hf", "--hf", hf, "--tensor-model-parallel-size", "2"], 2,
-         "MoMa with --tensor-model-parallel-size > 1 needs --sequence-parallel"),
         (["import-hf", "--hf", hf, "--pipeline-model-parallel-size", "4"], 2,
          "--num-layers 2 is not divisible by --pipeline-model-parallel-size 4"),
         (["import-hf", "--hf", moma], 2, "no config.json"),

@@ -219,3 +219,41 @@ def test_inputs_embeds_are_refused():
     model = hf_model("dense")
     with pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=torch.zeros(1, 2, 32))
+
+
+def test_exported_model_files_import_only_the_standard_library_torch_and_transformers(tmp_path):
+    """The remote code ships alone: every import in the exported files (at any depth) is the
+    standard library, torch, transformers or a sibling file, and importing them in a fresh
+    process loads no megatron module."""
+    import ast
+    import subprocess
+    import sys
+
+    from megatron_moma.hf.mapping import HF_MODEL_FILES
+
+    siblings = {os.path.splitext(os.path.basename(path))[0] for path in HF_MODEL_FILES}
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "__future__"}
+    package = tmp_path / "exported"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for path in HF_MODEL_FILES:
+        tree = ast.parse(open(path).read(), filename=path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: only a sibling file of the export
+                    assert node.module in siblings, (path, node.lineno, node.module)
+                    continue
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, (path, node.lineno, name)
+        shutil.copy(path, package)
+    probe = ("import sys; import exported.modeling_moma, exported.configuration_moma; "
+             "print([m for m in sys.modules if m.split('.')[0] in ('megatron', 'megatron_moma')])")
+    completed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip() == "[]"

@@ -56,42 +56,64 @@ def _batch(seed):
     return x, modality_ids
 
 
-def reference_mod(x, router_weight, plain_layer, capacity):
-    """Per sequence: top-k tokens by sigmoid(x w) go through the layer, y = x + r (L(x) - x)."""
+def reference_mod(x, router_weight, plain_layer, capacity, scope, rotary=None):
+    """The top-k tokens by sigmoid(x w), of each sequence (`scope="sequence"`, k = ceil(c s))
+    or of the whole batch (`"batch"`, k = ceil(c s b)), go through the layer, sequence by
+    sequence, at their own rotary positions (rotary [s, 1, 1, d]): y = x + r (L(x) - x)."""
     s, b, _ = x.shape
-    k = math.ceil(capacity * s)
+    scores = torch.sigmoid(x @ router_weight.t()).squeeze(-1)  # [s, b]
+    taken = torch.zeros(s, b, dtype=torch.bool)
+    if scope == "sequence":
+        taken.scatter_(0, scores.topk(math.ceil(capacity * s), dim=0).indices, True)
+    else:
+        taken.view(-1)[scores.reshape(-1).topk(math.ceil(capacity * s * b)).indices] = True
     output = x.clone()
     for i in range(b):
-        scores = torch.sigmoid(x[:, i] @ router_weight.t()).squeeze(-1)
-        chosen = scores.topk(k).indices.sort().values
-        processed, _ = plain_layer(x[chosen, i : i + 1], attention_mask=None)
-        update = x[chosen, i] + scores[chosen, None] * (processed[:, 0] - x[chosen, i])
+        chosen = taken[:, i].nonzero().view(-1)
+        if not chosen.numel():
+            continue
+        processed, _ = plain_layer(x[chosen, i : i + 1], attention_mask=None,
+                                   rotary_pos_emb=None if rotary is None else rotary[chosen])
+        update = x[chosen, i] + scores[chosen, i, None] * (processed[:, 0] - x[chosen, i])
         output[chosen, i] = update
-    return output
+    return output, taken
 
 
-def _compare_training(options, seed):
+def _rotary_embedding():
+    """Megatron's rotary frequencies for SEQ positions: [s, 1, 1, head_dim]."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    return RotaryEmbedding(kv_channels=HIDDEN // HEADS, rotary_percent=1.0)(SEQ)
+
+
+def _compare_training(options, seed, rotary=False):
     mod_layer, plain, context = _build(options, seed)
     x, modality_ids = _batch(seed)
     context.index = ModalityIndex.from_batch(modality_ids, LAYOUT.num_modalities)
     mod_layer.train()
+    emb = _rotary_embedding() if rotary else None
     x_mod = x.clone().requires_grad_(True)
-    output, _ = mod_layer(x_mod, attention_mask=None)
+    output, _ = mod_layer(x_mod, attention_mask=None, rotary_pos_emb=emb)
     grad = torch.randn_like(output)
     (output * grad).sum().backward()
     x_ref = x.clone().requires_grad_(True)
-    expected = reference_mod(x_ref, mod_layer.mod_router.weight, plain, options.capacity)
+    expected, taken = reference_mod(x_ref, mod_layer.mod_router.weight, plain, options.capacity,
+                                    options.topk_scope, emb)
     (expected * grad).sum().backward()
     grads = {n: p.grad for n, p in mod_layer.named_parameters() if p.grad is not None}
     plain_grads = {n: p.grad for n, p in plain.named_parameters()}
-    return output.detach(), expected.detach(), x_mod.grad, x_ref.grad, grads, plain_grads
+    return (output.detach(), expected.detach(), x_mod.grad, x_ref.grad, grads, plain_grads,
+            taken.sum(0))
 
 
-@pytest.mark.parametrize("capacity", [0.25, 0.5, 1.0])
-def test_mod_layer_matches_reference(capacity):
-    output, expected, x_grad, ref_x_grad, grads, plain_grads = run_on_ranks(
-        _compare_training, 1, MoDOptions(capacity=capacity), 4, timeout=120
-    )[0]
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+@pytest.mark.parametrize("capacity, rotary", [(0.25, False), (0.5, True), (1.0, False)])
+def test_mod_layer_matches_reference(capacity, rotary, scope):
+    output, expected, x_grad, ref_x_grad, grads, plain_grads, per_sequence = run_on_ranks(
+        _compare_training, 1, MoDOptions(capacity=capacity, topk_scope=scope), 4, rotary,
+        timeout=120)[0]
+    if scope == "batch" and capacity < 1:
+        assert len(set(per_sequence.tolist())) > 1, "every sequence kept as many: weak test"
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_grad, ref_x_grad, rtol=1e-4, atol=1e-4)
     for name, grad in plain_grads.items():

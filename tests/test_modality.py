@@ -63,3 +63,17 @@ def test_group_and_ungroup_gradients_are_the_inverse_permutations():
     assert torch.autograd.gradcheck(lambda x: index.ungroup(x) * weights, (rows,))
     (index.group(rows) * weights).sum().backward()
     torch.testing.assert_close(rows.grad, weights[index.inverse_permutation])
+
+
+def test_padding_rows_are_grouped_last_and_get_the_first_weight_set():
+    """MoD's batch scope marks padding with the id num_modalities: per-modality layers keep the
+    other rows' results and give padding the first set (its outputs are dropped)."""
+    from megatron_moma.layers.modality_weights import apply_per_modality
+
+    ids = torch.tensor([1, 2, 0, 2, 1, 0])  # 2 modalities, rows 1 and 3 padding
+    index = ModalityIndex(ids, 2)
+    assert index.counts == [2, 2, 2] and index.rows(0).tolist() == [2, 5]
+    rows = torch.arange(6.0).unsqueeze(1)
+    scale = {"text": 10.0, "image": 100.0}
+    out = apply_per_modality(lambda name, part: part * scale[name], rows, index, ["text", "image"])
+    assert out.squeeze(1).tolist() == [0.0, 10.0, 20.0, 30.0, 400.0, 50.0]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from megatron_moma.config import ModalityTransformerConfig, MoMaOptions
 from megatron_moma.layers.moma import MoMaMLP
+from megatron_moma.layers.routers import ExpertChoiceRouter
 from megatron_moma.modality import ModalityIndex, ModalityLayout
 from megatron_moma.modality.context import ModalityContext, attach_context
 from megatron_moma.specs import get_moma_layer_spec
@@ -182,6 +183,82 @@ def test_training_matches_reference(options, image_share):
         assert taken["text"] > 0, "expert choice took no text token: nothing was compared"
 
 
+def test_aux_routers_learn_the_noise_free_assignment_under_gumbel_noise():
+    """With Gumbel noise the layer routes by noisy scores, but the auxiliary routers' targets
+    are the expert choice of the noise-free scores: what the main routers decide at inference."""
+    options = MoMaOptions(experts_per_modality=(4, 4), gumbel_noise=True)
+    out, ref_out, _, _, grads, ref_grads, _ = run_on_ranks(
+        _compare_with_reference, 1, options, 7, 0.5, True, timeout=120
+    )[0]
+    assert not torch.allclose(out, ref_out, **TOLERANCE), "the noise changed nothing: weak test"
+    aux = [name for name in grads if name.startswith("aux_routers.")]
+    assert aux
+    for name in aux:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOLERANCE, msg=name)
+
+
+def _token_choice_router_grads_from_the_load_balancing_loss(coeff: float):
+    """Router gradients of a token-choice layer whose output gets no gradient: only Megatron's
+    load-balancing loss (moe_aux_loss_coeff) reaches the routers. Returns (grads, reference)."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(3)
+    topk, experts = 2, (4, 3)
+    layer = build_layer(MoMaOptions(experts_per_modality=experts, routing="token_choice",
+                                    token_choice_topk=topk), moe_aux_loss_coeff=coeff)
+    layer.set_layer_number(1)
+    layer.train()
+    x, modality_ids_bs, _ = random_batch(5)
+    run_layer(layer, x, modality_ids_bs, torch.zeros_like(x))
+    flat_x, flat_ids = x.reshape(-1, HIDDEN), modality_ids_bs.t().reshape(-1)
+    grads, reference = {}, {}
+    for modality, (name, num_experts) in enumerate(zip(("text", "image"), experts)):
+        weight = layer.routers[name].weight.detach().clone().requires_grad_(True)
+        probs = torch.softmax(flat_x[flat_ids == modality] @ weight.t(), dim=-1)
+        tokens = probs.shape[0]
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(topk, dim=-1).indices, 1.0)
+        # Switch Transformer: E * sum_i f_i P_i, f_i the share of the top-k slots of expert i.
+        fraction, mean_prob = chosen.sum(0) / (tokens * topk), probs.mean(0)
+        (coeff * num_experts * (fraction * mean_prob).sum()).backward()
+        grads[name], reference[name] = layer.routers[name].weight.grad, weight.grad
+    return grads, reference
+
+
+@pytest.mark.parametrize("coeff", [0.0, 0.1])
+def test_token_choice_load_balancing_loss_takes_moe_aux_loss_coeff(coeff):
+    grads, reference = run_on_ranks(
+        _token_choice_router_grads_from_the_load_balancing_loss, 1, coeff, timeout=120)[0]
+    for name in ("text", "image"):
+        assert (coeff == 0) == (grads[name] is None or not grads[name].any()), name
+        if coeff:
+            torch.testing.assert_close(grads[name], reference[name], **TOLERANCE, msg=name)
+
+
+def _outputs_with_and_without_padding_rows():
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(2)
+    layer = build_layer(MoMaOptions(experts_per_modality=(4, 2)))
+    layer.train()
+    x, modality_ids_bs, grad = random_batch(9)
+    plain, _ = run_layer(layer, x, modality_ids_bs, grad)
+    padding = torch.full((BATCH, 5), LAYOUT.num_modalities)  # MoD's padding rows, last
+    padded_x = torch.cat([x, torch.randn(5, BATCH, HIDDEN)])
+    padded, _ = run_layer(layer, padded_x, torch.cat([modality_ids_bs, padding], dim=1),
+                          torch.cat([grad, torch.randn(5, BATCH, HIDDEN)]))
+    return plain, padded
+
+
+def test_padding_rows_are_routed_to_no_expert():
+    """Rows of the padding id (a MoD layer's batch scope) take no expert capacity: the other
+    rows' outputs are unchanged and the padding's are 0."""
+    plain, padded = run_on_ranks(_outputs_with_and_without_padding_rows, 1, timeout=120)[0]
+    torch.testing.assert_close(padded[:SEQ], plain, rtol=0, atol=0)
+    assert not padded[SEQ:].any()
+
+
 def test_aux_router_inference_matches_reference():
     options = MoMaOptions(experts_per_modality=(4, 4))
     out, ref_out, x_grad, ref_x_grad, grads, ref_grads, taken = run_on_ranks(
@@ -291,6 +368,35 @@ def _router_scores_with_gumbel_noise():
         noisy = router(tokens)
         router.eval()
         return clean, noisy, router(tokens)
+
+
+def _gumbel_noise_of_each_tp_rank(sequence_parallel: bool):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    model_parallel_cuda_manual_seed(5)
+    config = ModalityTransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, use_cpu_initialization=True,
+        tensor_model_parallel_size=2, sequence_parallel=sequence_parallel, add_bias_linear=False,
+        modality_layout=LAYOUT, moma=MoMaOptions(experts_per_modality=(4, 4), gumbel_noise=True),
+    )
+    router = ExpertChoiceRouter(config, num_experts=4, gumbel_noise=True)
+    tokens = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.logit(router(tokens).double()) - tokens.double() @ router.weight.double().t()
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_gumbel_noise_under_tensor_parallelism(sequence_parallel):
+    """Without SP the TP ranks route the same tokens: the same noise on both. Under SP each rank
+    scores its own tokens: independent noise (the same draws would correlate the chunks)."""
+    first, second = run_on_ranks(_gumbel_noise_of_each_tp_rank, 2, sequence_parallel, timeout=120)
+    assert first.abs().mean() > 0.5  # noise was added
+    if sequence_parallel:
+        assert abs(float(torch.corrcoef(torch.stack([first.view(-1), second.view(-1)]))[0, 1])) < 0.2
+    else:
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 def test_gumbel_sigmoid_noise_is_logistic_and_training_only():

@@ -178,6 +178,33 @@ def test_distributed_optimizer_equals_world_size_1(case):
         torch.testing.assert_close(actual[key], expected[key], **PARAM_TOLERANCE, msg=key)
 
 
+SGD_MICRO_BATCH_2 = gpt_runs.TrainSpec(optimizer="sgd", lr=0.5, micro_batch_size=2,
+                                      global_batch_size=4, steps=2)
+CASES_MICRO_BATCH_2 = [
+    # Two sequences per micro-batch: MoMa's expert choice and MoD's top-k take the micro-batch as
+    # their scope (MoD pads each sequence's chosen tokens to the longest), and under DP each rank
+    # holds the same micro-batches as world size 1.
+    (MOD, 2, ParallelLayout()),  # DP2
+    (MOD_MOT, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True)),
+    (MOD_MOMA, 2, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True,
+                                 expert_tensor_parallel_size=1)),
+    (MOMA, 2, ParallelLayout(tensor_parallel_size=2, expert_tensor_parallel_size=2)),
+]
+
+
+@pytest.mark.parametrize("case", CASES_MICRO_BATCH_2, ids=_case_id)
+def test_gradients_equal_world_size_1_at_micro_batch_size_2(case):
+    reference, results = run_with_equal_step_metrics(*case, SGD_MICRO_BATCH_2)
+    lr = SGD_MICRO_BATCH_2.lr
+    expected = gradients_from_first_step(
+        gpt_runs.assemble_global([reference.params_after_first_step]), lr)
+    actual = gradients_from_first_step(
+        gpt_runs.assemble_global([r.params_after_first_step for r in results]), lr)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], **GRAD_TOLERANCE, msg=key)
+
+
 def test_reference_is_sensitive_to_the_weights():
     """Guard against a comparison that cannot fail: another seed gives other losses and grads."""
     reference = reference_run(DENSE, SGD)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 INFERENCE_ROUTINGS = ("aux", "top_k")
+TOPK_SCOPES = ("batch", "sequence")
 
 
 @dataclass(frozen=True)
@@ -11,8 +12,11 @@ class MoDOptions:
     """Which layers route tokens around themselves, and how many tokens they process.
 
     Attributes:
-        capacity: c_d, the share of each sequence's tokens a MoD layer processes (top-k by router
-            score, k = ceil(c_d * seq_length)); the others skip the layer unchanged.
+        capacity: c_d, the share of the scope's tokens a MoD layer processes (top-k by router
+            score, k = ceil(c_d * tokens of the scope)); the others skip the layer unchanged.
+        topk_scope: `batch` (the MoMa paper's: the top-k of the micro-batch's tokens, so
+            sequences keep different numbers) or `sequence` (the MoD paper's: the top-k of
+            each sequence).
         layers: 0-based indices of the MoD layers; None is the paper's layout, alternating from
             layer 0 (0, 2, 4, ...).
         aux_router: build the auxiliary router for causal inference.
@@ -22,6 +26,7 @@ class MoDOptions:
     """
 
     capacity: float = 0.25
+    topk_scope: str = "batch"
     layers: Optional[Tuple[int, ...]] = None
     aux_router: bool = True
     inference_routing: str = "aux"
@@ -34,6 +39,8 @@ class MoDOptions:
             raise ValueError(
                 f"MoD inference_routing must be one of {INFERENCE_ROUTINGS}, got {self.inference_routing!r}"
             )
+        if self.topk_scope not in TOPK_SCOPES:
+            raise ValueError(f"MoD topk_scope must be one of {TOPK_SCOPES}, got {self.topk_scope!r}")
         if self.inference_routing == "aux" and not self.aux_router:
             raise ValueError("MoD inference_routing='aux' needs aux_router=True")
         if self.layers is not None:

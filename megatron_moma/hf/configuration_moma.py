@@ -44,8 +44,9 @@ class MoMaConfig(PretrainedConfig):
         mot_untie: MoT components with per-modality weights (`attention`, `ffn`, `norms`).
         mot_norm_placement: `pre` (x + f(norm(x))) or `post` (x + norm(f(x)), Chameleon's).
         mod_layers: 0-based Mixture-of-Depths layers; None without MoD.
-        seq_length, moma_capacity_factor, moma_gumbel_noise, moma_aux_loss_coeff, mod_capacity,
-        mod_aux_router, mod_aux_loss_coeff, hidden_dropout, attention_dropout,
+        seq_length, moma_capacity_factor, moma_gumbel_noise, moma_aux_loss_coeff,
+        moe_aux_loss_coeff, moe_z_loss_coeff, mod_capacity, mod_topk_scope, mod_aux_router,
+        mod_aux_loss_coeff, hidden_dropout, attention_dropout,
         make_vocab_size_divisible_by: training settings kept so that the model can be imported
             back into Megatron unchanged; they do not change inference.
     """
@@ -82,10 +83,13 @@ class MoMaConfig(PretrainedConfig):
         moma_capacity_factor: float = 1.0,
         moma_gumbel_noise: bool = False,
         moma_aux_loss_coeff: float = 1.0,
+        moe_aux_loss_coeff: float = 0.0,
+        moe_z_loss_coeff: Optional[float] = None,
         mot_untie: Sequence[str] = MOT_COMPONENTS,
         mot_norm_placement: str = "pre",
         mod_layers: Optional[Sequence[int]] = None,
         mod_capacity: float = 0.25,
+        mod_topk_scope: str = "batch",
         mod_aux_router: bool = True,
         mod_aux_loss_coeff: float = 1.0,
         seq_length: Optional[int] = None,
@@ -123,10 +127,13 @@ class MoMaConfig(PretrainedConfig):
         self.moma_capacity_factor = moma_capacity_factor
         self.moma_gumbel_noise = moma_gumbel_noise
         self.moma_aux_loss_coeff = moma_aux_loss_coeff
+        self.moe_aux_loss_coeff = moe_aux_loss_coeff
+        self.moe_z_loss_coeff = moe_z_loss_coeff
         self.mot_untie = sorted(mot_untie)
         self.mot_norm_placement = mot_norm_placement
         self.mod_layers = None if mod_layers is None else sorted(mod_layers)
         self.mod_capacity = mod_capacity
+        self.mod_topk_scope = mod_topk_scope
         self.mod_aux_router = mod_aux_router
         self.mod_aux_loss_coeff = mod_aux_loss_coeff
         self.seq_length = seq_length

@@ -29,6 +29,7 @@ from megatron_moma.data.vocabulary import VocabularyLayout
 from megatron_moma.hf.configuration_moma import NORMALIZATIONS, POSITION_EMBEDDINGS, MoMaConfig
 from megatron_moma.hf.modeling_moma import MoMaForCausalLM
 from megatron_moma.training import configs
+from megatron_moma.training.arguments import default_arguments
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 HF_MODEL_FILES: Tuple[str, ...] = (
@@ -80,6 +81,8 @@ _FLAG_FIELDS: Dict[str, Tuple[Tuple[str, str, bool], ...]] = {
         ("moma_capacity_factor", "moma_capacity_factor", False),
         ("moma_gumbel_noise", "moma_gumbel_noise", False),
         ("moma_aux_loss_coeff", "moma_aux_loss_coeff", False),
+        ("moe_aux_loss_coeff", "moe_aux_loss_coeff", False),
+        ("moe_z_loss_coeff", "moe_z_loss_coeff", False),
     ),
     "mot": (
         ("mot_untie", "mot_untie", False),
@@ -87,6 +90,7 @@ _FLAG_FIELDS: Dict[str, Tuple[Tuple[str, str, bool], ...]] = {
     ),
     "mod": (
         ("mod_capacity", "mod_capacity", False),
+        ("mod_topk_scope", "mod_topk_scope", False),
         ("mod_no_aux_router", "mod_aux_router", True),
         ("mod_aux_loss_coeff", "mod_aux_loss_coeff", False),
     ),
@@ -108,7 +112,8 @@ def hf_config_from_run_config(run_config: Dict[str, Any]) -> MoMaConfig:
     the Hugging Face model does not implement (expert choice or MoD without auxiliary routers,
     an unknown position embedding or norm).
     """
-    args = argparse.Namespace(**run_config["arguments"])
+    # The parser's defaults first: a run config written before a flag existed lacks it.
+    args = argparse.Namespace(**{**default_arguments(), **run_config["arguments"]})
     _check_supported(args)
     vocabulary = VocabularyLayout.from_dict(run_config["vocabulary"])
     # The model's own layout: the vocabulary's, or text alone for one expert group over every

@@ -1,14 +1,19 @@
 """Mixture-of-Depths: a transformer layer that only some tokens go through (docs/layers.md §4).
 
 On a MoD layer, a router ahead of the modality split scores every token, r(x) = sigmoid(x w).
-In each sequence the top k = ceil(c_d * s) tokens by r go through the whole layer (attention
-among themselves, in their original order and positions, and the MLP); the others skip it:
+The top k = ceil(c_d * n) of the scope's n tokens by r go through the whole layer (attention
+among the chosen tokens of their sequence, in their original order and positions, and the MLP);
+the others skip it:
 
     y = x + r(x) * (Layer(x) - x)   for the k chosen tokens,   y = x   for the rest,
 
-so the router gets gradient through the scaled update. The scope is each sequence (the MoD
-paper's choice), which keeps the chosen tokens a [k, b, h] batch. Inside, the layer's modality-
-aware sublayers see the modality index of the chosen tokens.
+so the router gets gradient through the scaled update. The scope (`topk_scope`) is the micro-
+batch (the MoMa paper's choice, the default: n = s * b, sequences keep different numbers of
+tokens) or each sequence (the MoD paper's: n = s). The chosen tokens run as a [k_max, b] batch:
+under the batch scope each sequence's chosen tokens are followed by padding (its first unchosen
+positions) up to the longest; causal attention keeps padding out of the chosen tokens' view, the
+MoMa experts route none of it, and its outputs are dropped. Inside, the layer's modality-aware
+sublayers see the modality index of the chosen tokens (padding rows: `ModalityIndex`'s padding).
 
 Under sequence parallelism the layer gathers the sequence, chooses on the whole of it (every TP
 rank computes the same choice), hands the inner layer its chunk of the chosen tokens, and scatters
@@ -68,34 +73,53 @@ class MoDTransformerLayer(TransformerLayer, ModalityAware):
         if causal:
             output = self._route_by_aux_router(full, scores, rotary_pos_emb, kwargs)
         else:
-            chosen = self._top_k(scores.detach())
-            output = self._through_layer(full, scores, chosen, rotary_pos_emb, kwargs)
+            chosen, valid = self._top_k(scores.detach())
+            output = self._through_layer(full, scores, chosen, rotary_pos_emb, kwargs, valid)
             if self.training and self._records_statistics():
+                taken = torch.as_tensor(chosen.numel() if valid is None else valid.sum())
                 ROUTING_STATISTICS.add(f"mod/layer{self.layer_number:03d}/selection",
-                                       torch.tensor([chosen.numel(), scores.numel()]))
+                                       torch.stack([taken.cpu(), torch.tensor(scores.numel())]))
             if self.training and self.mod_aux_router is not None:
-                output = MoEAuxLossAutoScaler.apply(output, self._aux_router_loss(full, chosen))
+                output = MoEAuxLossAutoScaler.apply(output, self._aux_router_loss(full, chosen, valid))
         return self._scatter_sequence(output), None
 
-    def _top_k(self, scores: torch.Tensor) -> torch.Tensor:
-        """[s, b] scores -> [k, b] chosen positions, increasing (ties: earlier token first)."""
-        s = scores.shape[0]
-        k = math.ceil(self.options.capacity * s)
+    def _top_k(self, scores: torch.Tensor):
+        """[s, b] scores -> (chosen [k, b] positions, increasing in each sequence; valid [k, b]
+        bool, None when every chosen position is a choice). Ties: the earlier token first (in
+        the batch scope, the earlier row of the [s, b] order)."""
+        s, b = scores.shape
         tp = self._sequence_parallel_size()
-        if k % tp:
-            raise ValueError(f"MoD chooses {k} of {s} tokens per sequence, which does not split "
-                             f"over {tp} sequence-parallel ranks; adjust the capacity")
-        order = torch.sort(scores, dim=0, descending=True, stable=True).indices
-        return torch.sort(order[:k], dim=0).values
+        if self.options.topk_scope == "sequence":
+            k = math.ceil(self.options.capacity * s)
+            if k % tp:
+                raise ValueError(f"MoD chooses {k} of {s} tokens per sequence, which does not "
+                                 f"split over {tp} sequence-parallel ranks; adjust the capacity")
+            order = torch.sort(scores, dim=0, descending=True, stable=True).indices
+            return torch.sort(order[:k], dim=0).values, None
+        total = math.ceil(self.options.capacity * s * b)
+        order = torch.sort(scores.reshape(-1), descending=True, stable=True).indices
+        taken = torch.zeros(s * b, dtype=torch.bool, device=scores.device)
+        taken[order[:total]] = True
+        taken = taken.view(s, b)
+        counts = taken.sum(0)  # [b]
+        k = -(-int(counts.max()) // tp) * tp  # the longest, split evenly over the SP ranks
+        positions = torch.arange(s, device=scores.device).unsqueeze(1).expand(s, b)
+        chosen_first = torch.where(taken, positions, positions + s)  # then the unchosen
+        chosen = torch.sort(chosen_first, dim=0).values[:k] % s
+        valid = torch.arange(k, device=scores.device).unsqueeze(1) < counts.unsqueeze(0)
+        return chosen, valid
 
-    def _through_layer(self, full, scores, chosen, rotary_pos_emb, kwargs):
-        """Run the chosen tokens [k, b] through the layer; return the updated [s, b, h]."""
+    def _through_layer(self, full, scores, chosen, rotary_pos_emb, kwargs, valid=None):
+        """Run the tokens at `chosen` [k, b] through the layer; return the updated [s, b, h]
+        (positions not `valid` [k, b], the padding, keep their input)."""
         k, b = chosen.shape
         h = full.shape[-1]
         where = chosen.unsqueeze(-1).expand(k, b, h)
         tokens = full.gather(0, where)  # [k, b, h]
         outer_index = self.modality_index()
         modality_ids = outer_index.modality_ids.view(-1, b).gather(0, chosen)
+        if valid is not None:  # padding rows belong to no modality
+            modality_ids = modality_ids.masked_fill(~valid, outer_index.num_modalities)
         self.modality_context.index = ModalityIndex(modality_ids.reshape(-1), outer_index.num_modalities)
         try:
             processed, _ = super().forward(
@@ -108,7 +132,10 @@ class MoDTransformerLayer(TransformerLayer, ModalityAware):
             self.modality_context.index = outer_index
         processed = self._gather_sequence(processed)
         weight = scores.gather(0, chosen).unsqueeze(-1).to(tokens.dtype)
-        return full.scatter(0, where, tokens + weight * (processed - tokens))
+        updated = tokens + weight * (processed - tokens)
+        if valid is not None:
+            updated = torch.where(valid.unsqueeze(-1), updated, tokens)
+        return full.scatter(0, where, updated)
 
     def _route_by_aux_router(self, full, scores, rotary_pos_emb, kwargs):
         if self._sequence_parallel_size() > 1:
@@ -132,10 +159,13 @@ class MoDTransformerLayer(TransformerLayer, ModalityAware):
             outputs.append(sequence)
         return torch.cat(outputs, dim=1)
 
-    def _aux_router_loss(self, full, chosen) -> torch.Tensor:
+    def _aux_router_loss(self, full, chosen, valid=None) -> torch.Tensor:
         """Binary cross-entropy of the auxiliary router against the top-k choice, per token."""
         target = torch.zeros(full.shape[:2], dtype=full.dtype, device=full.device)
-        target.scatter_(0, chosen, 1.0)
+        if valid is None:
+            target.scatter_(0, chosen, 1.0)
+        else:
+            target.scatter_(0, chosen, valid.to(full.dtype))
         predicted = self.mod_aux_router(full.detach()).squeeze(-1)
         if self._records_statistics():
             ROUTING_STATISTICS.add_aux_router_decisions(

@@ -15,6 +15,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import (
+    _initialize_affine_weight_cpu,
+    _initialize_affine_weight_gpu,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
@@ -38,10 +43,13 @@ def apply_per_modality(fn, rows: torch.Tensor, index: ModalityIndex, names: Sequ
 
 def apply_grouped(fn, grouped: torch.Tensor, index: ModalityIndex, names: Sequence[str]):
     """`apply_per_modality` on rows already grouped by modality (`index.group`); the output
-    [n, ...] stays grouped."""
+    [n, ...] stays grouped. Padding rows (modality id `index.num_modalities`, grouped last)
+    get the first weight set: their outputs are dropped by whoever padded."""
     if len(names) == 1:
         return fn(names[0], grouped)
-    return torch.cat([fn(name, part) for name, part in zip(names, index.split(grouped))])
+    parts = index.split(grouped)
+    return torch.cat([fn(name, part) for name, part in zip(names, parts)]
+                     + [fn(names[0], part) for part in parts[len(names):]])
 
 
 class ModalityLinear(MegatronModule):
@@ -50,6 +58,11 @@ class ModalityLinear(MegatronModule):
     `parallel="column"` splits the output features over TP ranks (weight [out / tp, in]),
     `parallel="row"` the input features ([out, in / tp]). Communication is the caller's: the
     MoT sublayers gather the sequence once and reduce once for all modalities.
+
+    Each W_m is initialised as megatron-core initialises its TP linears: with
+    `use_cpu_initialization`, this rank's slice of a master weight drawn whole (the gathered
+    shards equal the world-size-1 weight of the same seed); otherwise on the device, from the
+    model-parallel RNG tracker (a different stream on each TP rank).
     """
 
     def __init__(self, config, input_size: int, output_size: int, parallel: str, untied: bool,
@@ -64,12 +77,17 @@ class ModalityLinear(MegatronModule):
             raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
         self.names = group_names(config, untied)
         self.weight = torch.nn.ParameterDict()
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         for name in self.names:
-            weight = torch.nn.Parameter(torch.empty(shape, dtype=config.params_dtype))
-            init_method(weight)
-            weight.tensor_model_parallel = tp > 1
-            weight.partition_dim = self.tp_axis
-            weight.partition_stride = 1
+            weight = torch.nn.Parameter(torch.empty(shape, dtype=config.params_dtype, device=device))
+            if not config.perform_initialization:
+                set_tensor_model_parallel_attributes(weight, True, self.tp_axis, stride=1)
+            elif config.use_cpu_initialization:
+                _initialize_affine_weight_cpu(weight, output_size, input_size, shape[self.tp_axis],
+                                              self.tp_axis, init_method,
+                                              params_dtype=config.params_dtype)
+            else:
+                _initialize_affine_weight_gpu(weight, init_method, partition_dim=self.tp_axis)
             self.weight[name] = weight
 
     def project(self, name: str, rows: torch.Tensor) -> torch.Tensor:

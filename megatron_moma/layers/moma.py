@@ -25,8 +25,10 @@ With `routing="token_choice"` each group instead has Megatron's TopKRouter over 
 
 In eval mode with `inference_routing="aux"`, a token goes to expert j iff a_j(x) > 0.5, a the
 auxiliary router; the weight is still s_j(x). In training the auxiliary routers learn the
-expert-choice assignment by binary cross-entropy on detached inputs (so the loss trains the
-auxiliary routers only), attached to the output with Megatron's MoEAuxLossAutoScaler.
+expert-choice assignment of the noise-free scores (the one inference would make; with Gumbel
+noise the layer itself routes by the noisy scores) by binary cross-entropy on detached inputs
+(so the loss trains the auxiliary routers only), attached to the output with Megatron's
+MoEAuxLossAutoScaler.
 """
 
 import copy
@@ -159,8 +161,12 @@ class MoMaMLP(MegatronModule, ModalityAware):
                     self.options.experts_per_modality[modality], selection.rows, rows.numel(),
                 )
             if self.training and self.expert_choice and self.aux_routers is not None:
+                target = selection
+                if self.routers[name].adds_noise():  # learn the noise-free top-k
+                    target = self._select_by_expert_choice(
+                        self.routers[name].noise_free_scores(group_tokens), counts)
                 aux_losses.append(
-                    self._aux_router_loss(name, group_tokens, selection, scores.shape, sum(counts))
+                    self._aux_router_loss(name, group_tokens, target, scores.shape, sum(counts))
                 )
 
         chosen = [expert_parallel.ExpertSelection(rows[s.rows], s.expert, s.weight)

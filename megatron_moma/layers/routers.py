@@ -7,7 +7,8 @@ sequence parallelism each rank sees only its chunk of the tokens, so their gradi
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -40,10 +41,29 @@ class ExpertChoiceRouter(MegatronModule):
             weight = copy_to_tensor_model_parallel_region(weight)  # backward: all-reduce
         logits = F.linear(tokens, weight)
         if self.gumbel_noise and self.training:
-            uniform = torch.rand((2,) + logits.shape, dtype=logits.dtype, device=logits.device)
+            uniform = self._uniform_noise((2,) + logits.shape, logits)
             gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
             logits = logits + gumbel[0] - gumbel[1]
         return torch.sigmoid(logits)
+
+    def _uniform_noise(self, shape, like: torch.Tensor) -> torch.Tensor:
+        """U(0, 1) of `shape`. Under sequence parallelism each TP rank scores its own tokens, so
+        it draws from its own stream (megatron-core's model-parallel RNG tracker, as its dropout
+        in SP regions does); otherwise the TP ranks score the same tokens and draw the same."""
+        if self.config.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            with get_cuda_rng_tracker().fork():
+                return torch.rand(shape, dtype=like.dtype, device=like.device)
+        return torch.rand(shape, dtype=like.dtype, device=like.device)
+
+    def adds_noise(self) -> bool:
+        """Whether `forward` now adds Gumbel noise (training with `gumbel_noise`)."""
+        return self.gumbel_noise and self.training
+
+    @torch.no_grad()
+    def noise_free_scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [n, h] -> sigmoid(x W^T) [n, num_experts] without noise, detached: the scores
+        the auxiliary routers learn to imitate (inference sees no noise)."""
+        return torch.sigmoid(F.linear(tokens, self.weight))
 
 
 class AuxiliaryRouter(MegatronModule):

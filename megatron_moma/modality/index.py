@@ -10,6 +10,10 @@ parallel rank r holds the contiguous rows of sequence chunk r; `chunk(r, num_chu
 index of those rows, and `chunk_counts(num_chunks)` how many tokens of each modality every chunk
 holds (what an expert-choice router needs to gather scores across the chunks).
 
+A row whose modality id is `num_modalities` is padding (a MoD layer's batch scope pads each
+sequence's chosen tokens to a common length): it belongs to no modality, is grouped after every
+modality, and gets an extra last entry in `counts`.
+
 `group(rows)` lays rows out modality by modality (`split` then gives each modality's rows as a
 contiguous view) and `ungroup` puts them back in token order: one row gather each way, forward
 and backward, since the gradient of a permutation is the inverse permutation (indexing with
@@ -43,7 +47,7 @@ class ModalityIndex:
         permutation: [n] int64, a stable permutation grouping rows by modality: rows of modality
             m are `permutation[offsets[m]:offsets[m + 1]]`, in increasing row order.
         inverse_permutation: [n] int64, `inverse_permutation[permutation] == arange(n)`.
-        counts: per-modality row counts (host ints).
+        counts: per-modality row counts (host ints), then the padding rows' if there are any.
         offsets: prefix sums of `counts`, length num_modalities + 1 (host ints).
     """
 

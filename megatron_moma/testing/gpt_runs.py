@@ -290,7 +290,7 @@ def train_step(chunks, optimizer, model: TinyGPT, spec: TrainSpec, step: int) ->
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    scale_auxiliary_losses(len(micro_batches))
+    scale_auxiliary_losses(len(micro_batches), torch.cuda.current_device())
     loss_dicts = get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=[iter(micro_batches) for _ in chunks],

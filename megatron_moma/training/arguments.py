@@ -10,7 +10,7 @@ groups of the model are built from the flags in `megatron_moma.training.configs`
 import argparse
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_moma.command_line import (
     NON_NEGATIVE,
@@ -26,6 +26,7 @@ from megatron_moma.command_line import (
 )
 from megatron_moma.config.fp8 import FP8_FORMATS, FP8_RECIPES
 from megatron_moma.config.mod import INFERENCE_ROUTINGS as MOD_INFERENCE_ROUTINGS
+from megatron_moma.config.mod import TOPK_SCOPES as MOD_TOPK_SCOPES
 from megatron_moma.config.moma import INFERENCE_ROUTINGS as MOMA_INFERENCE_ROUTINGS
 from megatron_moma.config.moma import ROUTINGS as MOMA_ROUTINGS
 from megatron_moma.config.mot import NORM_PLACEMENTS, UNTIE_CHOICES
@@ -129,6 +130,11 @@ def _architecture(parser):
                        help="evaluation routing: expert_choice (looks ahead) or aux (causal)")
     group.add_argument("--moma-no-aux-router", action="store_true")
     group.add_argument("--moma-aux-loss-coeff", type=NON_NEGATIVE, default=1.0)
+    group.add_argument("--moe-aux-loss-coeff", type=NON_NEGATIVE, default=0.0,
+                       help="Megatron-LM's: weight of the load-balancing loss of --moma-routing "
+                            "token_choice (Switch Transformer's, per expert group)")
+    group.add_argument("--moe-z-loss-coeff", type=NON_NEGATIVE, default=None,
+                       help="Megatron-LM's: weight of the router z-loss of token choice")
     group.add_argument("--moe-grouped-gemm", action="store_true",
                        help="Megatron-LM's: MoMa experts as grouped GEMMs (TEGroupedMLP with "
                             "Transformer Engine, torch's grouped matmul without)")
@@ -136,6 +142,9 @@ def _architecture(parser):
                        default=sorted(UNTIE_CHOICES))
     group.add_argument("--mot-norm-placement", choices=NORM_PLACEMENTS, default="pre")
     group.add_argument("--mod-capacity", type=number(0, 1, above=True), default=0.25)
+    group.add_argument("--mod-topk-scope", choices=MOD_TOPK_SCOPES, default="batch",
+                       help="tokens a MoD layer's top-k ranks: the micro-batch's (the MoMa "
+                            "paper's) or each sequence's (the MoD paper's)")
     group.add_argument("--mod-layers", type=NON_NEGATIVE_INT, nargs="+", default=None,
                        help="0-based MoD layers (default: alternating from layer 0)")
     group.add_argument("--mod-inference-routing", choices=MOD_INFERENCE_ROUTINGS, default="aux")
@@ -275,10 +284,6 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
     if args.lr is None and args.skip_train:
         args.lr = 0.0  # nothing is trained
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_fraction is not None:
-        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     if args.device is None:
         import torch
 
@@ -311,9 +316,10 @@ def validate(args: argparse.Namespace) -> None:
     _require(args.world_size % expert_ranks == 0,
              f"world size {args.world_size} is not divisible by --expert-tensor-parallel-size x "
              f"--expert-model-parallel-size x --pipeline-model-parallel-size = {expert_ranks}")
-    _require(args.lr_warmup_iters < args.lr_decay_iters,
-             f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
-             f"{args.lr_decay_iters} (default --train-iters)")
+    warmup_iters, decay_iters = lr_schedule_iters(args)
+    _require(warmup_iters < decay_iters,
+             f"--lr-warmup-iters {warmup_iters} must be smaller than --lr-decay-iters "
+             f"{decay_iters} (default --train-iters)")
     _require(not args.use_distributed_optimizer or args.optimizer == "adam",
              "--use-distributed-optimizer supports --optimizer adam only (as megatron-core)")
     _require(args.save_interval is None or args.save is not None, "--save-interval needs --save")
@@ -509,8 +515,14 @@ def _validate_moma(args: argparse.Namespace) -> None:
     if "moma" not in args.architecture:
         return
     _require(args.disable_bias_linear, "MoMa experts need --disable-bias-linear (as Megatron's MoE on CPU)")
-    _require(args.tensor_model_parallel_size == 1 or args.sequence_parallel,
-             "MoMa with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    _require(args.tensor_model_parallel_size == 1 or args.sequence_parallel
+             or args.moma_routing == "expert_choice",
+             "MoMa --moma-routing token_choice with --tensor-model-parallel-size > 1 needs "
+             "--sequence-parallel (as Megatron's MoE)")
+    _require(args.moma_routing == "token_choice" or (not args.moe_aux_loss_coeff
+                                                      and args.moe_z_loss_coeff is None),
+             "--moe-aux-loss-coeff and --moe-z-loss-coeff weight token choice's router losses: "
+             "they need --moma-routing token_choice")
     expert_tp = expert_tensor_parallel_size(args)
     _require(args.ffn_hidden_size % expert_tp == 0,
              f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by the expert-tensor-parallel "
@@ -550,6 +562,17 @@ def _validate_fp8(args: argparse.Namespace) -> None:
     _require(args.hidden_size % 16 == 0 and args.ffn_hidden_size % 16 == 0,
              f"--fp8-format needs --hidden-size ({args.hidden_size}) and --ffn-hidden-size "
              f"({args.ffn_hidden_size}) divisible by 16")
+
+
+def lr_schedule_iters(args: argparse.Namespace, start_iteration: int = 0) -> Tuple[int, int]:
+    """(warm-up, decay) iterations of an LR schedule that starts at iteration `start_iteration`
+    (a fresh schedule on a resumed checkpoint: an upcycled one). Megatron-LM's semantics:
+    --lr-decay-iters counts the schedule's iterations, by default those left to --train-iters,
+    so the LR reaches --min-lr at the last iteration; --lr-warmup-fraction is a share of them."""
+    decay = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters - start_iteration
+    if args.lr_warmup_fraction is not None:
+        return int(args.lr_warmup_fraction * decay), decay
+    return args.lr_warmup_iters, decay
 
 
 def expert_tensor_parallel_size(args: argparse.Namespace) -> int:

@@ -86,7 +86,7 @@ def _option_groups(args: argparse.Namespace) -> Dict[str, Optional[object]]:
             experts_per_modality=tuple(args.moma_experts_per_modality),
             routing=args.moma_routing,
             capacity_factor=args.moma_capacity_factor,
-            gumbel_noise=args.moma_gumbel_noise,
+            gumbel_noise=args.moma_gumbel_noise and not args.train_aux_routers,
             inference_routing=args.moma_inference_routing,
             token_choice_topk=args.moma_token_choice_topk,
             aux_router=not args.moma_no_aux_router,
@@ -98,6 +98,7 @@ def _option_groups(args: argparse.Namespace) -> Dict[str, Optional[object]]:
     if args.mod:
         mod = MoDOptions(
             capacity=args.mod_capacity,
+            topk_scope=args.mod_topk_scope,
             layers=tuple(args.mod_layers) if args.mod_layers is not None else None,
             aux_router=not args.mod_no_aux_router,
             inference_routing=args.mod_inference_routing,
@@ -138,8 +139,10 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
             add_bias_linear=not args.disable_bias_linear,
             qk_layernorm=args.qk_layernorm,
             init_method_std=args.init_method_std,
-            hidden_dropout=args.hidden_dropout,
-            attention_dropout=args.attention_dropout,
+            # The aux-router stage runs the frozen model as inference does (no dropout, no
+            # router noise), so the auxiliary routers learn the assignments inference makes.
+            hidden_dropout=0.0 if args.train_aux_routers else args.hidden_dropout,
+            attention_dropout=0.0 if args.train_aux_routers else args.attention_dropout,
             bf16=args.bf16,
             params_dtype=dtype,
             pipeline_dtype=dtype,
@@ -152,6 +155,8 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
             batch_p2p_comm=args.device != "cpu",
             modality_layout=model_layout,
             moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
             **fp8_fields(args),
             **_option_groups(args),
         )

@@ -32,7 +32,7 @@ from megatron_moma.models import build_gpt_model
 from megatron_moma.models.aux_router_stage import train_only_auxiliary_routers
 from megatron_moma.modality import ModalityLayout
 from megatron_moma.training import checkpointing, data
-from megatron_moma.training.arguments import ArgumentError
+from megatron_moma.training.arguments import ArgumentError, lr_schedule_iters
 from megatron_moma.training.checkpointing import TrainState
 from megatron_moma.training.configs import optimizer_config
 from megatron_moma.training.flops import training_flops
@@ -93,17 +93,19 @@ def build_model(args, config: ModalityTransformerConfig, vocab_size: int) -> Lis
     return chunks
 
 
-def build_optimizer(args, chunks) -> Tuple[object, OptimizerParamScheduler]:
-    """Megatron's optimizer and its LR/WD scheduler, stepped in samples as in Megatron-LM."""
+def build_optimizer(args, chunks, start_iteration: int = 0) -> Tuple[object, OptimizerParamScheduler]:
+    """Megatron's optimizer and its LR/WD scheduler, stepped in samples as in Megatron-LM; the
+    schedule starts at `start_iteration` (see `lr_schedule_iters`)."""
     optimizer = get_megatron_optimizer(optimizer_config(args), chunks)
     gbs = args.global_batch_size
+    warmup_iters, decay_iters = lr_schedule_iters(args, start_iteration)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=args.lr_warmup_init,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * gbs,
-        lr_decay_steps=args.lr_decay_iters * gbs,
+        lr_warmup_steps=warmup_iters * gbs,
+        lr_decay_steps=decay_iters * gbs,
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
@@ -154,12 +156,13 @@ def _global_loss_sums(loss_dicts, names: List[str], device) -> torch.Tensor:
     return sums
 
 
-def _global_token_counts(batches: List[data.Batch], layout: ModalityLayout) -> torch.Tensor:
-    """[num_modalities] input tokens of each of the model's modalities in the global batch."""
+def _global_token_counts(batches: List[data.Batch], layout: ModalityLayout, device) -> torch.Tensor:
+    """[num_modalities] input tokens of each of the model's modalities in the global batch (on
+    `device`: NCCL reduces CUDA tensors only)."""
     counts = torch.stack([
         torch.bincount(layout.modality_ids(b["tokens"]).reshape(-1), minlength=layout.num_modalities)
         for b in batches
-    ]).sum(0).double()
+    ]).sum(0).double().to(device)
     torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts
 
@@ -170,7 +173,7 @@ def _as_means(sums: torch.Tensor, names: List[str]) -> Dict[str, float]:
 
 
 def _forward_backward(run: Run, batches: List[data.Batch], forward_only: bool):
-    scale_auxiliary_losses(len(batches))
+    scale_auxiliary_losses(len(batches), run.args.device)
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, run.args.device, run.data_layout),
         data_iterator=data.batch_iterators(batches, len(run.chunks)),
@@ -204,7 +207,7 @@ def train_step(run: Run) -> StepMetrics:
     _check_finite(grad_norm, "the gradient norm", state.iteration + 1)
     run.scheduler.step(increment=args.global_batch_size)
     layout = run.config.modality_layout
-    tokens = dict(zip(layout.names, _global_token_counts(batches, layout).tolist()))
+    tokens = dict(zip(layout.names, _global_token_counts(batches, layout, args.device).tolist()))
     return StepMetrics(losses=losses, tokens=tokens, grad_norm=float(grad_norm),
                        learning_rate=run.optimizer.param_groups[0]["lr"], num_zeros=num_zeros)
 

@@ -11,7 +11,7 @@ import sys
 from typing import List, Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.num_microbatches_calculator import (
     destroy_num_microbatches_calculator,
     init_num_microbatches_calculator,
@@ -42,11 +42,15 @@ def initialize_distributed(device: str) -> None:
                                              world_size=1)
 
 
-def _set_seeds(seed: int) -> None:
+def set_random_seeds(seed: int) -> None:
+    """Megatron-LM's seeding, on an initialised parallel state: each pipeline stage its own seed
+    (seed + 100 x stage), so stages never draw the same weights; the model-parallel RNG tracker
+    gives each TP rank its own stream (megatron-core's GPU initialisation of split weights)."""
     import random
 
     import numpy
 
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     numpy.random.seed(seed)
     torch.manual_seed(seed)
@@ -74,11 +78,39 @@ def _padded_vocab_size(args, vocab_size: int) -> int:
     return padded
 
 
+def lr_schedule_start(args) -> int:
+    """The iteration the LR schedule starts at: that of the --load checkpoint when the run
+    resumes it without its scheduler state (an upcycled checkpoint has none; --no-load-optim),
+    so that the fresh schedule decays over the iterations left; else 0 (a fresh run,
+    --finetune and --train-aux-routers restart at iteration 0, a loaded scheduler knows its
+    step)."""
+    iteration = checkpointing.read_tracker(args.load) if args.load else None
+    if iteration is None or args.finetune or args.train_aux_routers or args.skip_train:
+        return 0
+    common = dist_checkpointing.load_common_state_dict(checkpointing.checkpoint_dir(args.load, iteration))
+    if common["content"]["optimizer"] and not args.no_load_optim:
+        return 0
+    return common["train_state"]["iteration"]
+
+
+def restore_saved_router_noise(args) -> None:
+    """--moma-gumbel-noise from the --load checkpoint's run config: moma-upcycle switches it on
+    there (the paper trains upcycled models with router noise), and a resumed run keeps it."""
+    iteration = checkpointing.read_tracker(args.load) if args.load else None
+    if iteration is None:
+        return
+    saved = checkpointing.read_run_config(checkpointing.checkpoint_dir(args.load, iteration))
+    if saved["arguments"].get("moma_gumbel_noise") and not args.moma_gumbel_noise:
+        print_rank_last(f" --moma-gumbel-noise: on, as saved in {args.load}")
+        args.moma_gumbel_noise = True
+
+
 def build_run(args) -> loop.Run:
     """Parallel state, data, model, optimizer, and the state loaded from --load if any."""
+    restore_saved_router_noise(args)
     layout = configs.parallel_layout(args)
     layout.initialize()
-    _set_seeds(args.seed)
+    set_random_seeds(args.seed)
     init_num_microbatches_calculator(torch.distributed.get_rank(), None, args.global_batch_size,
                                      args.micro_batch_size, parallel_state.get_data_parallel_world_size())
     vocab = configs.vocabulary(args)
@@ -87,7 +119,7 @@ def build_run(args) -> loop.Run:
     splits = data.build_splits(args, vocab)  # before the model: data errors are flag errors
     config = configs.transformer_config(args, data_layout)
     chunks = loop.build_model(args, config, vocab_size)
-    optimizer, scheduler = loop.build_optimizer(args, chunks)
+    optimizer, scheduler = loop.build_optimizer(args, chunks, lr_schedule_start(args))
     run_config = checkpointing.make_run_config(args, vocab, vocab_size, config.architecture,
                                               torch.distributed.get_world_size())
     state = TrainState()
