@@ -35,16 +35,19 @@ class TinyJobs:
         self.cluster, self.folder, self.data_path = cluster, folder, data_path
         self.ckpt = folder / "ckpt" / NAME
 
-    def submit(self, **variables: str) -> int:
+    def submit(self, *sbatch_options: str, **variables: str) -> int:
+        """sbatch the script with these options and environment variables (the script's
+        overridable ones: TRAIN_ITERS, EXTRA_ARGS, ...); the job id."""
         from slurm_cluster import free_ports
 
         environment = self.cluster.environment(
             MOMA_ROOT=str(ROOT), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             DATA_PATH=self.data_path, CKPT_ROOT=str(self.folder / "ckpt"),
             MASTER_PORT=str(free_ports(1)[0]), TRAIN_ITERS=str(TRAIN_ITERS), LOGLEVEL="INFO",
-            PYTHONUNBUFFERED="1", **variables)
+            PYTHONUNBUFFERED="1")
+        environment.update(variables)
         environment.pop("MASTER_ADDR", None)  # the script resolves the first node's address
-        return self.cluster.submit([f"--output={self.folder}/job-%j.out", str(SCRIPT)],
+        return self.cluster.submit([f"--output={self.folder}/job-%j.out", *sbatch_options, str(SCRIPT)],
                                    env=environment, cwd=str(self.folder))
 
     def output(self, job: int) -> str:
@@ -146,3 +149,20 @@ def test_slurm_requeued_job_saves_within_killwait_and_resumes_exactly(straight, 
     assert checkpointing.read_tracker(str(jobs.ckpt)) == TRAIN_ITERS
     assert jobs.losses() == reference.losses()
     assert jobs.losses("lm loss validation") == reference.losses("lm loss validation")
+
+
+def test_slurm_exit_duration_saves_and_stops_before_the_time_limit(slurm_cluster, data_path,
+                                                                   tmp_path):
+    """--time=1 (Slurm's shortest limit) and EXIT_DURATION_IN_MINS=0.25: the trainers stop
+    together 15 s after they started, save and exit, and the job completes instead of timing out."""
+    jobs = TinyJobs(slurm_cluster, tmp_path, data_path)
+    job = jobs.submit("--time=1", TRAIN_ITERS="100000", EXIT_DURATION_IN_MINS="0.25",
+                           SAVE_INTERVAL="100000", EVAL_INTERVAL="100000")
+    fields = jobs.wait_done(job)
+    assert fields["TimeLimit"] == "00:01:00"
+    output = jobs.output(job)
+    stopped = re.findall(r"exiting after 0.25 minutes \(--exit-duration-in-mins\) at iteration (\d+)",
+                         output)
+    assert len(stopped) == 1, output
+    assert checkpointing.read_tracker(str(jobs.ckpt)) == int(stopped[0]) > 0
+    assert sorted(jobs.losses()) == list(range(1, int(stopped[0]) + 1))
