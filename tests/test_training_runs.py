@@ -149,6 +149,17 @@ def test_sigterm_saves_and_exits_cleanly(data_path, tmp_path):
     assert not any(name.endswith(".tmp") for name in os.listdir(save))
 
 
+def test_exit_duration_saves_and_exits_after_the_first_step_past_it(data_path, tmp_path, capfd):
+    """Megatron-LM's --exit-duration-in-mins counts from the start of the trainer: a limit that
+    start-up alone exceeds stops the run after its first step, saved."""
+    save = str(tmp_path / "ckpt")
+    argv = _args(data_path, str(tmp_path), "run", 50, "--global-batch-size", "2", "--lr", "1e-3",
+                 "--save", save, "--exit-duration-in-mins", "1e-4")
+    assert _train(1, argv) == 0
+    assert checkpointing.read_tracker(save) == 1
+    assert "exiting after 0.0001 minutes (--exit-duration-in-mins) at iteration 1" in capfd.readouterr().out
+
+
 def _upcycle(argv):
     from megatron_moma.training.upcycling import main
 

@@ -1,4 +1,5 @@
-"""Where megatron-core runs: CUDA as it is, or CPU with gloo through `cpu.activate()`.
+"""Where megatron-core runs: CUDA as it is, or CPU with gloo through `cpu.activate()`; and
+dist_checkpointing saves that survive a launcher's SIGTERM (`checkpoint_writers`).
 
 This package is the only place in megatron_moma that patches megatron-core or torch.
 """

@@ -144,8 +144,14 @@ def _training(parser):
     group.add_argument("--adam-eps", type=float, default=1e-08)
     group.add_argument("--sgd-momentum", type=float, default=0.9)
     group.add_argument("--override-opt_param-scheduler", action="store_true")
-    group.add_argument("--exit-signal-handler", action="store_true")
-    group.add_argument("--exit-interval", type=int, default=None)
+    group.add_argument("--exit-signal-handler", action="store_true",
+                       help="on SIGTERM to any process (torchrun, every rank, one rank): finish "
+                            "the step, save, exit 0")
+    group.add_argument("--exit-duration-in-mins", type=float, default=None,
+                       help="save and exit after the first step that ends this many minutes "
+                            "after the start")
+    group.add_argument("--exit-interval", type=int, default=None,
+                       help="save and exit after the first iteration divisible by this value")
     group.add_argument("--skip-train", action="store_true",
                        help="bypass the training loop: evaluate the --load checkpoint on the "
                             "validation split (--eval-iters batches, the --*-inference-routing "

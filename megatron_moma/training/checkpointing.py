@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 import megatron_moma
 from megatron_moma.data.vocabulary import VocabularyLayout
+from megatron_moma.platform import checkpoint_writers
 from megatron_moma.training.arguments import ArgumentError
 from megatron_moma.training.configs import parallel_layout
 
@@ -135,6 +136,7 @@ def save_checkpoint(root: str, models, optimizer, scheduler, train_state: TrainS
     torch.distributed.barrier()
     state = _sharded_state_dict(models, optimizer, scheduler, train_state, is_loading=False,
                                 with_optimizer=save_optimizer, with_rng=save_rng)
+    checkpoint_writers.use_in_process_write_results()  # no Manager process to die on SIGTERM
     dist_checkpointing.save(state, temporary)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:

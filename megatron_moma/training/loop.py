@@ -236,21 +236,46 @@ def evaluate_checkpoint(run: Run) -> int:
     return EXIT_OK
 
 
-class ExitSignal:
-    """Remembers a SIGTERM (Slurm preemption); `received()` agrees across all ranks."""
+class EarlyExit:
+    """Megatron-LM's early exits, decided at each step boundary by all ranks together.
 
-    def __init__(self, enabled: bool):
+    --exit-signal-handler: a SIGTERM caught by any rank (torchrun forwarding it to every worker,
+    Slurm signalling every process of the step, or one worker alone). --exit-duration-in-mins:
+    minutes since the trainer started (this object's creation), as Megatron-LM's
+    `_TRAIN_START_TIME`. --exit-interval: the iteration is a multiple of it. The first two are
+    per-rank facts: one all-reduce (MAX) of both at the boundary makes every rank stop after the
+    same step, whenever each rank's signal arrived. Create it before the model is built, so that
+    a SIGTERM during start-up is kept for the first boundary instead of killing the rank.
+    """
+
+    def __init__(self, args: argparse.Namespace):
         self.caught = False
-        if enabled:
+        self.started = time.monotonic()
+        self.signal_handler = args.exit_signal_handler
+        self.duration_in_mins = args.exit_duration_in_mins
+        self.interval = args.exit_interval
+        self.device = args.device
+        if self.signal_handler:
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.caught = True
 
-    def received(self) -> bool:
-        flag = torch.tensor([1.0 if self.caught else 0.0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+    def reason(self, iteration: int) -> Optional[str]:
+        """Why to stop after `iteration` (the same on every rank, naming it), or None to go on."""
+        if self.signal_handler or self.duration_in_mins is not None:
+            minutes = (time.monotonic() - self.started) / 60
+            overdue = self.duration_in_mins is not None and minutes > self.duration_in_mins
+            flags = torch.tensor([float(self.caught), float(overdue)], device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            if flags[0]:
+                return f"on SIGTERM at iteration {iteration}"
+            if flags[1]:
+                return (f"after {self.duration_in_mins} minutes (--exit-duration-in-mins) at "
+                        f"iteration {iteration}")
+        if self.interval and iteration % self.interval == 0:
+            return f"at iteration {iteration} (--exit-interval {self.interval})"
+        return None
 
 
 def _params_norm(run: Run) -> Optional[float]:
@@ -276,10 +301,10 @@ def save(run: Run) -> None:
     print_rank_last(f" saved checkpoint at iteration {run.state.iteration} to {run.args.save}")
 
 
-def train(run: Run) -> int:
-    """Train from `run.state` to --train-iters; returns the process exit code."""
+def train(run: Run, early_exit: EarlyExit) -> int:
+    """Train from `run.state` to --train-iters, or to the first early exit; returns the process
+    exit code. Every way out but a non-finite value saves the last iteration (when --save)."""
     args, state = run.args, run.state
-    exit_signal = ExitSignal(args.exit_signal_handler)
     for chunk in run.chunks:
         chunk.train()
     saved_at = state.iteration
@@ -304,14 +329,11 @@ def train(run: Run) -> int:
         if args.save_interval and state.iteration % args.save_interval == 0:
             save(run)
             saved_at = state.iteration
-        if exit_signal.received():
-            print_rank_last(f" exiting on SIGTERM at iteration {state.iteration}")
+        reason = early_exit.reason(state.iteration)
+        if reason is not None:
             if saved_at != state.iteration:
                 save(run)
-            return EXIT_OK
-        if args.exit_interval and state.iteration % args.exit_interval == 0:
-            if saved_at != state.iteration:
-                save(run)
+            print_rank_last(f" exiting {reason}")
             return EXIT_OK
     if saved_at != state.iteration:
         save(run)

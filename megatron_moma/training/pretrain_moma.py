@@ -2,8 +2,8 @@
 
 Run with torchrun (one process per device), or as a single process. Flags: `--help`
 (megatron_moma.training.arguments); `--skip-train --load CKPT` evaluates the checkpoint and
-exits. Exit codes: 0 done (or saved and stopped on SIGTERM or --exit-interval), 2 invalid
-flags, 3 NaN/inf in the loss or gradients.
+exits. Exit codes: 0 done (or saved and stopped on SIGTERM, --exit-duration-in-mins or
+--exit-interval: docs/preemption.md), 2 invalid flags, 3 NaN/inf in the loss or gradients.
 """
 
 import argparse
@@ -117,9 +117,10 @@ def build_run(args) -> loop.Run:
 def pretrain(argv: Optional[List[str]] = None) -> int:
     """Parse, build and train on an initialised torch.distributed; returns the exit code."""
     args = parse_args(argv, world_size=torch.distributed.get_world_size())
+    early_exit = loop.EarlyExit(args)
     run = build_run(args)
     try:
-        return loop.evaluate_checkpoint(run) if args.skip_train else loop.train(run)
+        return loop.evaluate_checkpoint(run) if args.skip_train else loop.train(run, early_exit)
     finally:
         run.logger.close()
         destroy_num_microbatches_calculator()
