@@ -10,6 +10,7 @@ gloo process per node).
 
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Dict
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "slurm" / "pretrain_tiny_cpu.sh"
 NAME = "moma_tiny_cpu"  # the script's checkpoint folder under CKPT_ROOT
 TRAIN_ITERS = 40
+PYTHON_BIN = os.path.dirname(sys.executable)  # the jobs' torchrun: this interpreter's (a venv's)
 JOB_TIMEOUT = 360  # seconds; a job takes 20-40 s on an idle 2-core machine
 
 pytestmark = pytest.mark.slurm
@@ -41,6 +43,7 @@ class TinyJobs:
         from slurm_cluster import free_ports
 
         environment = self.cluster.environment(
+            PATH=os.pathsep.join([PYTHON_BIN, os.environ["PATH"]]),
             MOMA_ROOT=str(ROOT), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             DATA_PATH=self.data_path, CKPT_ROOT=str(self.folder / "ckpt"),
             MASTER_PORT=str(free_ports(1)[0]), TRAIN_ITERS=str(TRAIN_ITERS), LOGLEVEL="INFO",
@@ -168,3 +171,18 @@ def test_slurm_exit_duration_saves_and_stops_before_the_time_limit(slurm_cluster
     assert len(stopped) == 1, output
     assert checkpointing.read_tracker(str(jobs.ckpt)) == int(stopped[0]) > 0
     assert sorted(jobs.losses()) == list(range(1, int(stopped[0]) + 1))
+
+
+@pytest.mark.parametrize("uid, reason", [("1000", "not root"), ("0", "no apt-get")])
+def test_slurm_tests_skip_with_the_reason_where_slurm_cannot_be_installed(tmp_path, monkeypatch,
+                                                                          uid, reason):
+    """No Slurm commands on PATH, and either not root or no apt-get: the cluster fixture's skip
+    reason (install_or_reason) says which, and the install script exits 1."""
+    from slurm_cluster import install_or_reason
+
+    fake_id = tmp_path / "id"
+    fake_id.write_text(f"#!/bin/bash\necho {uid}\n")
+    fake_id.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    message = install_or_reason(timeout=60)
+    assert message is not None and reason in message and "slurmctld" in message, message
