@@ -153,7 +153,8 @@ class SlurmCluster:
     def _check_alive(self) -> None:
         for name, process in self.daemons.items():
             if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {process.returncode}:\n{self.logs_tail()}")
+                raise RuntimeError(f"{name} exited with code {process.returncode}:\n"
+                                   + self.logs_tail())
 
     def start(self, timeout: float = 120) -> "SlurmCluster":
         """Write the config, start the daemons, return once every node is idle (RuntimeError,
@@ -193,8 +194,10 @@ class SlurmCluster:
         """Cancel every job, stop the daemons by PID, kill what is left of the jobs; raises if
         any process of the cluster survives."""
         if "slurmctld" in self.daemons and self.daemons["slurmctld"].poll() is None:
-            self.command(["scancel", "--full", "--user=root"], check=False, timeout=30)
-            self._wait_quiet(lambda: not self.jobs(), timeout)
+            jobs = [str(job) for job in self.jobs()]
+            if jobs:
+                self.command(["scancel", "--full", *jobs], check=False, timeout=30)
+                self._wait_quiet(lambda: not self.jobs(), timeout)
         for name in reversed(list(self.daemons)):
             process = self.daemons[name]
             if process.poll() is None:
