@@ -25,3 +25,20 @@ def data_path(tmp_path_factory):
     from megatron_moma.testing.trainer_runs import digits_dataset
 
     return digits_dataset(str(tmp_path_factory.mktemp("digits")))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A two-node Slurm cluster on this machine (tests/slurm_cluster.py), shared by the Slurm
+    tests; skipped, with the reason, where slurm-wlm and munge are missing and cannot be
+    installed. Every daemon it started is stopped, by PID, when the session ends."""
+    from slurm_cluster import SlurmCluster, install_or_reason
+
+    reason = install_or_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

@@ -6,10 +6,15 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
 # MoMa 1.4B 4t4i (docs/layers.md §8): dense base 24 layers / d 2048 / ffn 8192 / 16 heads,
 # 4 text + 4 image experts, expert choice at capacity factor 1 (c_e = 1/4 within each group),
 # 7.1B total parameters. Resubmit the same script to resume.
 # Submit from the repository root (Slurm runs a copy of this script from its spool folder).
+# --requeue: after a preemption or `scontrol requeue` (Slurm's SIGTERM: the trainers save and
+# exit) the job restarts from that checkpoint; --open-mode=append keeps every start's output. For
+# the time limit set EXIT_DURATION_IN_MINS=2850 (47.5 h) or add `#SBATCH --signal=TERM@300`.
 source "${MOMA_ROOT:-$SLURM_SUBMIT_DIR}/examples/slurm/common.sh"
 NAME=moma_1.4b_4t4i
 TP=${TP:-1}

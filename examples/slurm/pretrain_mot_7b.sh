@@ -6,10 +6,15 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
 # Mixture-of-Transformers 7B, Chameleon setting (docs/layers.md §8): d 4096 / 32 layers /
 # 32 heads, every non-embedding parameter untied by modality, Chameleon's post-sublayer norm
 # and QK-norm, seq 4096. FFN 11008 is Chameleon 7B's (the MoT paper does not give it).
 # Submit from the repository root (Slurm runs a copy of this script from its spool folder).
+# --requeue: after a preemption or `scontrol requeue` (Slurm's SIGTERM: the trainers save and
+# exit) the job restarts from that checkpoint; --open-mode=append keeps every start's output. For
+# the time limit set EXIT_DURATION_IN_MINS=2850 (47.5 h) or add `#SBATCH --signal=TERM@300`.
 source "${MOMA_ROOT:-$SLURM_SUBMIT_DIR}/examples/slurm/common.sh"
 NAME=mot_7b
 TP=${TP:-4}
