@@ -6,8 +6,10 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Documents of the team's own workspace that users who clone the repository do not have.
-OUTSIDE = ("../shared", "SPEC" + ".md", "CPU_" + "NOTES", "DESIGN" + ".md", "CONVENTIONS" + ".md")
+# Documents of the team's own workspace that users who clone the repository do not have (split
+# so that this file does not name them).
+OUTSIDE = ("../" + "shared", "SPEC" + ".md", "CPU_" + "NOTES", "DESIGN" + ".md",
+           "CONVENTIONS" + ".md")
 
 
 def tracked_text_files():
