@@ -311,8 +311,8 @@ def expert_coverage(tensorboard_dir: str) -> Dict[str, Dict[str, float]]:
     events.Reload()
     shares: Dict[str, Dict[str, List[float]]] = {}
     for tag in events.Tags()["scalars"]:
-        parts = tag.split("/")  # moma/layer001/{group}/tokens_taken_by_{kind}
-        if parts[0] != "moma" or not parts[-1].startswith("tokens_taken_by_"):
+        parts = tag.split("/")  # moma/layer001/{group}/tokens_taken_by_{kind} (also "... vs samples")
+        if parts[0] != "moma" or parts[-1] not in {f"tokens_taken_by_{k}" for k in COVERAGE_KINDS}:
             continue
         scalars = sorted(events.Scalars(tag), key=lambda event: event.step)
         last = scalars[-1].step
