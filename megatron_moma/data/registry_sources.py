@@ -71,6 +71,13 @@ def _fetch(cache: str, registry: str, name: str, unpack) -> FetchedPackage:
     return _cached(folder, registry, name)
 
 
+def _check_members(archive: tarfile.TarFile, tarball: str) -> None:
+    for member in archive.getmembers():
+        if member.issym() or member.islnk() or os.path.isabs(member.name) \
+                or ".." in member.name.split("/"):
+            raise FetchError(f"{tarball}: member {member.name!r} is a link or leaves the folder")
+
+
 def npm_package(cache: str, name: str, version: str) -> FetchedPackage:
     """`npm pack name@version`, unpacked into the cache (module docstring)."""
 
@@ -79,7 +86,13 @@ def npm_package(cache: str, name: str, version: str) -> FetchedPackage:
         output = _run(["npm", "pack", f"{name}@{version}", "--silent"], work, what)
         tarball = os.path.join(work, output.strip().splitlines()[-1])
         with tarfile.open(tarball) as archive:
-            archive.extractall(unpacked, filter="data")
+            # The "data" filter refuses links and paths outside the folder (Python 3.10.12+);
+            # older Pythons check the member names themselves.
+            if hasattr(tarfile, "data_filter"):
+                archive.extractall(unpacked, filter="data")
+            else:
+                _check_members(archive, tarball)
+                archive.extractall(unpacked)
         return version
 
     return _fetch(cache, "npm", name, unpack)
