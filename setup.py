@@ -70,11 +70,13 @@ setup(
     extras_require={
         "hf": [TRANSFORMERS],
         "te": ["transformer-engine[pytorch]"],
-        # The sample corpus reads scikit-learn's bundled digits (no download).
-        "data": ["scikit-learn"],
+        # The digits corpus reads scikit-learn's bundled digits (no download); the real corpus
+        # and moma-tokenize-images read and write PNGs with Pillow.
+        "data": ["scikit-learn", "Pillow"],
         # benchmarks/reproduce_flops_savings.py draws its loss-vs-FLOPs curves with it.
         "bench": ["matplotlib", "scikit-learn"],
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", TRANSFORMERS, "matplotlib"],
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", TRANSFORMERS, "matplotlib",
+                "Pillow"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -82,6 +84,7 @@ setup(
         "console_scripts": [
             "moma-preprocess=megatron_moma.data.preprocess:main",
             "moma-sample-data=megatron_moma.data.sample_corpus:main",
+            "moma-tokenize-images=megatron_moma.data.tokenize_images:main",
             "pretrain-moma=megatron_moma.training.pretrain_moma:main",
             "moma-upcycle=megatron_moma.training.upcycling:main",
             "moma-convert=megatron_moma.conversion.cli:main",

@@ -1,7 +1,10 @@
-"""Reproduce the papers' FLOPs-saving measurement on the bundled digits corpus, on CPU.
+"""Reproduce the papers' FLOPs-saving measurement on a bundled corpus, on CPU (or a GPU).
 
-Trains dense, moe_8x, MoMa 1t1i, MoMa 4t4i, MoT and MoT+MoMa 4t4i (and MoD+MoMa 4t4i with
-`--with-mod`) with the real trainer (`pretrain_moma`, one forked gloo rank per run, as the tests
+`--corpus digits` (the default, fast) is the scikit-learn digits corpus; `--corpus real` is
+`moma-sample-data --corpus real` (emoji images with captions and plain-text documents from
+package-registry downloads, 1.34M tokens), trained on for about 1.15 passes, with a token-choice
+MoMa 4t4i beside the expert-choice one. Trains dense, moe_8x, MoMa 1t1i, MoMa 4t4i, MoT and
+MoT+MoMa 4t4i (and MoD+MoMa 4t4i with `--with-mod`) with the real trainer (`pretrain_moma`, one forked gloo rank per run, as the tests
 run it) at matched FLOPs per token, with fixed seeds (two by default: the seed changes the
 initialisation and the data order, the same for every architecture). From each run's TensorBoard
 scalars it takes the training loss per step, overall and per modality, against the FLOPs the
@@ -13,6 +16,8 @@ to reach it (megatron_moma.training.flops_savings documents the smoothing and in
   results.json                   settings, machine, per-run losses, FLOPs and times, the factors
   results.md                     the factors (each seed and the mean) beside the papers' numbers
   loss_vs_flops_{lm,text,image}.png   smoothed training-loss curves against FLOPs
+  coverage                       in results.json/.md: the share of each MoMa group's tokens taken
+                                 by 0, 1 and 2+ experts over the last fifth of training
   runs/{architecture}_seed{N}/   each run's TensorBoard events (a finished run with the same
                                  flags is reused when the script is run again)
   data/                          the digits corpus, preprocessed
@@ -23,6 +28,8 @@ MoD gets the number of layers whose FLOPs per token are closest to dense's. MoMa
 without auxiliary routers, as in the papers' first stage.
 
     PYTHONPATH=. python benchmarks/reproduce_flops_savings.py --output-dir flops_savings
+    PYTHONPATH=. python benchmarks/reproduce_flops_savings.py --corpus real --output-dir real
+    PYTHONPATH=. python benchmarks/reproduce_flops_savings.py --corpus real --scale 4 --device cuda
     PYTHONPATH=. python benchmarks/reproduce_flops_savings.py --quick --output-dir /tmp/quick
 """
 
@@ -60,10 +67,23 @@ ARCHITECTURES = {
     "mot+moma_4t4i": ["--architecture", "mot+moma", "--moma-experts-per-modality", "4", "4",
                       *STAGE_ONE],
 }
+# MoMa 4t4i with token choice in each modality group (top-1, Megatron's TopKRouter, no capacity:
+# every token gets exactly one expert): the default comparison on the real corpus.
+TOKEN_CHOICE = {
+    "moma_4t4i_token_choice": ["--architecture", "moma", "--moma-experts-per-modality", "4", "4",
+                               "--moma-routing", "token_choice", *STAGE_ONE],
+}
+# Why MoMa 4t4i trails dense, where it does: the same model with one thing changed.
+DIAGNOSTICS = {
+    "moma_4t4i_capacity2": ARCHITECTURES["moma_4t4i"] + ["--moma-capacity-factor", "2"],
+    "moma_4t4i_half_lr": ARCHITECTURES["moma_4t4i"] + ["--lr", "1.5e-3", "--min-lr", "1.5e-4"],
+    "dense_half_lr": ARCHITECTURES["dense"] + ["--lr", "1.5e-3", "--min-lr", "1.5e-4"],
+}
 MOD_ARCHITECTURES = {
     "mod+moma_4t4i": ["--architecture", "moma", "--moma-experts-per-modality", "4", "4",
                       *STAGE_ONE, "--mod", "--mod-no-aux-router", "--mod-inference-routing", "top_k"],
 }
+ALL_ARCHITECTURES = {**ARCHITECTURES, **TOKEN_CHOICE, **MOD_ARCHITECTURES, **DIAGNOSTICS}
 
 # docs/layers.md §9 (MoMa: 1.4B models, 1T tokens, training loss; MoT: 7B, Chameleon setting).
 PAPER = {
@@ -96,6 +116,8 @@ class Setting:
     seeds: tuple = (1, 2)
 
 
+# About 40 minutes for the 14 default runs on an idle 2-core machine (docs/results.md section 3).
+REAL = Setting(num_images=0, global_batch_size=16, train_iters=375, log_interval=25)
 QUICK = Setting(num_images=300, num_layers=2, hidden_size=32, ffn_hidden_size=64, seq_length=64,
                 global_batch_size=4, train_iters=12, log_interval=4, smoothing_window=3, seeds=(1,))
 
@@ -106,9 +128,17 @@ def parse_arguments(argv=None):
     parser.add_argument("--output-dir", default="flops_savings")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 1 2 (quick: 1)")
     parser.add_argument("--train-iters", type=int, default=None, help="default 300 (quick: 12)")
+    parser.add_argument("--corpus", choices=("digits", "real"), default="digits")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiplies the hidden and FFN sizes (the tokens stay those of the "
+                             "corpus); e.g. 4 with --device cuda")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--cache-dir", default=None,
+                        help="--corpus real: where the fetched packages are kept")
     parser.add_argument("--architectures", nargs="+", default=None,
-                        choices=list(ARCHITECTURES) + list(MOD_ARCHITECTURES),
-                        help="default: all but MoD (dense is always trained: the reference)")
+                        choices=list(ALL_ARCHITECTURES),
+                        help="default: all but MoD and the diagnostics (dense is always trained: "
+                             "the reference); token choice only with --corpus real")
     parser.add_argument("--with-mod", action="store_true", help="add MoD + MoMa 4t4i")
     parser.add_argument("--smoothing-window", type=int, default=None,
                         help="logged steps per trailing mean (default 25; quick: 3)")
@@ -117,16 +147,26 @@ def parse_arguments(argv=None):
     parser.add_argument("--data-path", default=None,
                         help="a preprocessed corpus prefix (default: make the digits corpus)")
     args = parser.parse_args(argv)
-    setting = QUICK if args.quick else Setting()
+    setting = QUICK if args.quick else REAL if args.corpus == "real" else Setting()
+    if args.scale != 1.0:
+        setting = replace(setting, hidden_size=_scaled(setting.hidden_size, args.scale, setting),
+                          ffn_hidden_size=_scaled(setting.ffn_hidden_size, args.scale, setting))
     overrides = {"seeds": tuple(args.seeds) if args.seeds else None,
                  "train_iters": args.train_iters, "smoothing_window": args.smoothing_window}
     args.setting = replace(setting, **{k: v for k, v in overrides.items() if v is not None})
     if args.setting.train_iters < args.setting.smoothing_window:
         parser.error(f"--train-iters {args.setting.train_iters} is shorter than the smoothing "
                      f"window {args.setting.smoothing_window}")
-    names = args.architectures or list(ARCHITECTURES) + (list(MOD_ARCHITECTURES) if args.with_mod else [])
+    default = list(ARCHITECTURES) + (list(TOKEN_CHOICE) if args.corpus == "real" else [])
+    names = args.architectures or default + (list(MOD_ARCHITECTURES) if args.with_mod else [])
     args.names = ["dense"] + [name for name in names if name != "dense"]
     return args
+
+
+def _scaled(size: int, scale: float, setting: Setting) -> int:
+    """size x scale, rounded to a multiple of the attention heads (at least one per head)."""
+    heads = setting.num_attention_heads
+    return max(heads, int(round(size * scale / heads)) * heads)
 
 
 # ----------------------------------------------------------------------------- data and flags
@@ -145,16 +185,33 @@ def prepare_corpus(directory: str, num_images: int) -> str:
     return prefix + "_text_document"
 
 
+def prepare_real_corpus(directory: str, cache_dir) -> str:
+    """`moma-sample-data --corpus real`, preprocessed (kept and reused): the dataset prefix."""
+    corpus = os.path.join(directory, "real")
+    prefix = os.path.join(directory, "real")
+    if not os.path.exists(prefix + "_text_document.idx"):
+        print(f"making the real corpus in {corpus}", flush=True)
+        cache = ["--cache-dir", cache_dir] if cache_dir else []
+        if not os.path.exists(os.path.join(corpus, "real.jsonl")) and sample_corpus.main(
+                ["--corpus", "real", "--output-dir", corpus, *cache]) != 0:
+            raise RuntimeError("moma-sample-data --corpus real failed")
+        if preprocess.main(["--input", os.path.join(corpus, "real.jsonl"), "--output-prefix",
+                            prefix, "--codebook-size", "512", "--codes-per-image", "64",
+                            "--append-eod", "--workers", "1"]) != 0:
+            raise RuntimeError("moma-preprocess failed")
+    return prefix + "_text_document"
+
+
 def corpus_tokens(data_path: str) -> Dict[str, int]:
     """Tokens of each modality in the corpus, as moma-preprocess recorded them (empty if not)."""
     with open(sidecar_path(data_path), encoding="utf-8") as sidecar:
         return json.load(sidecar).get("source", {}).get("tokens", {})
 
 
-def common_flags(setting: Setting, data_path: str, seed: int) -> List[str]:
+def common_flags(setting: Setting, data_path: str, seed: int, device: str = "cpu") -> List[str]:
     """Megatron-LM flags shared by every run: the model, the schedule, the data, logging."""
     return [
-        "--device", "cpu", "--num-layers", str(setting.num_layers),
+        "--device", device, "--num-layers", str(setting.num_layers),
         "--hidden-size", str(setting.hidden_size), "--ffn-hidden-size", str(setting.ffn_hidden_size),
         "--num-attention-heads", str(setting.num_attention_heads),
         "--seq-length", str(setting.seq_length), "--max-position-embeddings", str(setting.seq_length),
@@ -186,10 +243,12 @@ def with_num_layers(argv: List[str], num_layers: int) -> List[str]:
     return argv[:position] + [str(num_layers)] + argv[position + 1:]
 
 
-def run_flags(name: str, setting: Setting, data_path: str, seed: int) -> List[str]:
-    """The run's flags; a MoD model gets the layer count that matches dense's FLOPs per token."""
-    base = common_flags(setting, data_path, seed)
-    flags = base + {**ARCHITECTURES, **MOD_ARCHITECTURES}[name]
+def run_flags(name: str, setting: Setting, data_path: str, seed: int,
+              device: str = "cpu") -> List[str]:
+    """The run's flags (an architecture's own flags come last and win over the common ones);
+    a MoD model gets the layer count that matches dense's FLOPs per token."""
+    base = common_flags(setting, data_path, seed, device)
+    flags = base + ALL_ARCHITECTURES[name]
     if "--mod" not in flags:
         return flags
     target = forward_flops(base + ARCHITECTURES["dense"])
@@ -239,6 +298,31 @@ def train(run_dir: str, flags: List[str], label: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- analysis
+COVERAGE_KINDS = ("0", "1", "2plus")
+
+
+def expert_coverage(tensorboard_dir: str) -> Dict[str, Dict[str, float]]:
+    """{group: {"0", "1", "2plus": share of the group's tokens taken by that many experts}},
+    averaged over the layers and the logged intervals of the last fifth of training (empty for a
+    model without MoMa layers)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tensorboard_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    shares: Dict[str, Dict[str, List[float]]] = {}
+    for tag in events.Tags()["scalars"]:
+        parts = tag.split("/")  # moma/layer001/{group}/tokens_taken_by_{kind} (also "... vs samples")
+        if parts[0] != "moma" or parts[-1] not in {f"tokens_taken_by_{k}" for k in COVERAGE_KINDS}:
+            continue
+        scalars = sorted(events.Scalars(tag), key=lambda event: event.step)
+        last = scalars[-1].step
+        late = [e.value for e in scalars if e.step > last - (last / 5)] or [scalars[-1].value]
+        kind = parts[-1][len("tokens_taken_by_"):]
+        shares.setdefault(parts[2], {}).setdefault(kind, []).append(statistics.mean(late))
+    return {group: {kind: statistics.mean(values) for kind, values in kinds.items()}
+            for group, kinds in sorted(shares.items())}
+
+
 def analyse(curves: Dict[str, Dict[int, dict]], names: List[str], seeds, window: int) -> dict:
     """Saving factors of every model against dense, per seed and loss, and their means."""
     factors = {}
@@ -290,6 +374,18 @@ def markdown(results: dict) -> str:
             cells.append(per_seed + mean)
         paper = "; ".join(f"{TAG_NAMES[tag]} {value}" for tag, value in PAPER.get(name, {}).items())
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper or '-'} |")
+    lines += ["", "# Expert-choice coverage: share of a group's tokens taken by 0 / 1 / 2+ experts",
+              "", "Mean over the layers and the last fifth of training; each seed.", "",
+              "| architecture | group | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+              "|---|---|" + "---|" * len(seeds)]
+    for name, per_seed in results["runs"].items():
+        groups = sorted({group for run in per_seed.values() for group in run.get("coverage", {})})
+        for group in groups:
+            cells = []
+            for seed in seeds:
+                shares = per_seed.get(seed, {}).get("coverage", {}).get(group, {})
+                cells.append(" / ".join(f"{100 * shares.get(kind, 0):.0f}%" for kind in COVERAGE_KINDS))
+            lines.append(f"| {name} | {group} | " + " | ".join(cells) + " |")
     lines += ["", "# Final training loss (smoothed), training FLOPs and wall time", "",
               "| architecture | seed | overall | text | image | FLOPs | seconds |",
               "|---|---|---|---|---|---|---|"]
@@ -328,7 +424,8 @@ def plot(results: dict, curves, window: int, directory: str) -> List[str]:
                      label="dense final loss (mean of seeds)")
         axes.set_xlabel("training FLOPs")
         axes.set_ylabel(f"{TAG_NAMES[tag]} training loss (smoothed)")
-        axes.set_title(f"{TAG_NAMES[tag]} training loss vs FLOPs, digits corpus (from 1/5 of the run)")
+        axes.set_title(f"{TAG_NAMES[tag]} training loss vs FLOPs, {results['corpus']} corpus "
+                       f"(from 1/5 of the run)")
         axes.legend(fontsize=7, ncol=2)
         axes.grid(alpha=0.3)
         path = os.path.join(directory, PLOT_NAMES[tag])
@@ -343,7 +440,12 @@ def main(argv=None) -> int:
     setting = args.setting
     output = os.path.abspath(args.output_dir)
     os.makedirs(os.path.join(output, "runs"), exist_ok=True)
-    data_path = args.data_path or prepare_corpus(os.path.join(output, "data"), setting.num_images)
+    if args.data_path:
+        data_path = args.data_path
+    elif args.corpus == "real":
+        data_path = prepare_real_corpus(os.path.join(output, "data"), args.cache_dir)
+    else:
+        data_path = prepare_corpus(os.path.join(output, "data"), setting.num_images)
     total = len(args.names) * len(setting.seeds)
     print(f"{total} runs: {', '.join(args.names)} x seeds {list(setting.seeds)}, "
           f"{setting.train_iters} iterations each, {torch.get_num_threads()} threads", flush=True)
@@ -354,7 +456,7 @@ def main(argv=None) -> int:
             done += 1
             label = f"[{done}/{total}] {name} seed {seed}"
             run_dir = os.path.join(output, "runs", f"{name}_seed{seed}")
-            record = train(run_dir, run_flags(name, setting, data_path, seed), label)
+            record = train(run_dir, run_flags(name, setting, data_path, seed, args.device), label)
             seed_curves = read_loss_curves(os.path.join(run_dir, "tensorboard"))
             curves.setdefault(name, {})[seed] = seed_curves
             runs.setdefault(name, {})[seed] = {
@@ -363,10 +465,12 @@ def main(argv=None) -> int:
                 "total_flops": seed_curves["lm loss"].flops[-1],
                 "final_loss": {tag: smooth(seed_curves[tag], setting.smoothing_window).loss[-1]
                                for tag in LOSS_TAGS},
+                "coverage": expert_coverage(os.path.join(run_dir, "tensorboard")),
             }
     results = {
         "machine": machine.describe("cpu"),
         "command": " ".join(sys.argv),
+        "corpus": args.corpus,
         "setting": asdict(setting),
         "corpus_tokens": corpus_tokens(data_path),
         "training_seconds": sum(run["seconds"] for per_seed in runs.values()

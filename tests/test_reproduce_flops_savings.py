@@ -62,8 +62,21 @@ def test_quick_run_writes_factors_table_and_plots_and_reuses_finished_runs(repro
                 assert seed["factor"] == pytest.approx(seed["dense_flops"] / seed["model_flops"])
                 assert entry["mean"] == pytest.approx(seed["factor"])
 
+    # Expert-choice coverage: shares of every group's tokens taken by 0 / 1 / 2+ experts sum to
+    # one; at capacity factor 1 the experts take as many (token, expert) pairs as there are
+    # tokens (up to rounding each expert's capacity up), so 1 x share_1 + 2 x share_2plus <= ~1.
+    assert results["runs"]["dense"]["1"]["coverage"] == {}
+    for name in ("moma_4t4i", "moe_8x"):
+        coverage = results["runs"][name]["1"]["coverage"]
+        assert coverage, name
+        for shares in coverage.values():
+            assert sum(shares.values()) == pytest.approx(1.0)
+            assert shares["1"] + 2 * shares["2plus"] <= 1.1
+    assert sorted(results["runs"]["moma_4t4i"]["1"]["coverage"]) == ["image", "text"]
+
     with open(os.path.join(output, "results.md")) as table_file:
         table = table_file.read()
+    assert "| moma_4t4i | image | " in table  # the coverage table
     for name in QUICK_ARCHITECTURES[1:]:
         assert f"| {name} |" in table
     assert "3.7x" in table and "5.2x" in table  # the paper's MoMa 4t4i numbers beside ours

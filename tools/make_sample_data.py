@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Make the bundled digits sample corpus (no download).
+"""Make a sample corpus: the bundled digits (no download) or, with --corpus real, emoji and text
+from npm and Debian packages.
 
 A thin wrapper around megatron_moma/data/sample_corpus.py, also installed as `moma-sample-data`.
 """

