@@ -21,6 +21,7 @@ ARCHITECTURES = ("dense", "moma", "mot", "mot+moma")
 # SPEC.md section 3: peak LR 1e-4, linear decay to 1e-6, 1k-2k warm-up over 5k-10k steps.
 AUX_ROUTER_SCHEDULE = {"lr": 1e-4, "min_lr": 1e-6, "lr_warmup_fraction": 0.2,
                        "lr_decay_style": "linear"}
+ATTENTION_BACKENDS = ("flash", "fused", "unfused", "local", "auto")  # Megatron-LM's AttnBackend
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
@@ -66,6 +67,11 @@ def _model(parser):
     group.add_argument("--hidden-dropout", type=float, default=0.1)
     group.add_argument("--attention-dropout", type=float, default=0.1)
     group.add_argument("--bf16", action="store_true")
+    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                       help="local: megatron-core's DotProductAttention; otherwise Transformer "
+                            "Engine's attention (NVTE kernel choice), or without it torch's "
+                            "scaled_dot_product_attention: auto (torch's choice), flash, fused "
+                            "(cuDNN / memory-efficient, CUDA only), unfused (math)")
     group.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     group.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     group.add_argument("--recompute-num-layers", type=int, default=None)
@@ -309,6 +315,7 @@ def validate_model_split(args: argparse.Namespace) -> None:
     _validate_pipeline(args)
     _validate_moma(args)
     _validate_fp8(args)
+    _validate_attention_backend(args)
 
 
 def _validate_split(split: str) -> None:
@@ -385,6 +392,16 @@ def _validate_fp8(args: argparse.Namespace) -> None:
     _require(args.hidden_size % 16 == 0 and args.ffn_hidden_size % 16 == 0,
              f"--fp8-format needs --hidden-size ({args.hidden_size}) and --ffn-hidden-size "
              f"({args.ffn_hidden_size}) divisible by 16")
+
+
+def _validate_attention_backend(args: argparse.Namespace) -> None:
+    if args.attention_backend != "fused" or args.device != "cpu":
+        return
+    from megatron_moma.specs import backend
+
+    _require(backend.transformer_engine_available(),
+             "--attention-backend fused is cuDNN / memory-efficient attention, CUDA only; on "
+             "--device cpu use auto, flash, unfused or local")
 
 
 def expert_tensor_parallel_size(args: argparse.Namespace) -> int:
