@@ -1,8 +1,10 @@
 """Permute + unpermute-combine, forward and backward, timed in one run for:
-  ours      megatron_moma.ops on the csrc kernels (C++ on CPU, CUDA on a GPU), bucket included;
+  ours      megatron_moma.ops on the csrc kernels (C++ on CPU, CUDA on a GPU), bucket included,
+            from the (token, expert, weight) selections the MoMa layer produces;
   fallback  the same ops on the pure-torch fallback (MEGATRON_MOMA_DISABLE_EXT's path);
-  mcore     megatron-core's unfused moe_utils.permute / unpermute with probs (routing map in);
-  copy      a plain tensor copy, for the bandwidth ratio.
+  mcore     megatron-core's unfused moe_utils.permute / unpermute with probs (its interface: the
+            routing map and dense probs, which it turns into indices inside);
+  copy      a plain tensor copy into a buffer allocated beforehand, for the bandwidth ratio.
 Expert-choice routing with 8 experts at capacity factor 1 (a token can be taken by several
 experts, or by none). The four are timed in turn, round after round, so a change in the load of
 a shared machine falls on all of them alike; the medians are compared. Prints ratios (never
@@ -36,12 +38,18 @@ def expert_choice(num_tokens, device, generator):
     return routing_map, scores * routing_map
 
 
-def run_ours(tokens, routing_map, probs, grad_out):
-    """Indices from the routing map (expert-major, as the MoMa layer builds them), then the ops."""
+def selections(routing_map, probs):
+    """(token, expert, weight) [R] of every selection, expert-major, as the MoMa layer hands
+    them to the dispatch (built outside the timed step, like the layer's routing)."""
     expert, token = routing_map.t().nonzero(as_tuple=True)
+    return token, expert, probs[token, expert]
+
+
+def run_ours(tokens, selected, grad_out):
+    """bucket, permute, unpermute-combine, and the backward of both (tokens and weights)."""
+    token, expert, weight = selected
     layout = bucket(token, expert, tokens.shape[0], NUM_EXPERTS)
-    weight = probs[token, expert][layout.order]
-    out = unpermute_combine(permute(tokens, layout), weight, layout)
+    out = unpermute_combine(permute(tokens, layout), weight[layout.order], layout)
     out.backward(grad_out)
 
 
@@ -88,12 +96,15 @@ def bench_shape(num_tokens, hidden, dtype, device, repeats):
     grad_out = torch.randn(num_tokens, hidden, generator=generator).to(device=device, dtype=dtype)
     probs = probs.to(dtype)
 
-    def step(run):
-        def timed_step():
-            tokens = x.detach().requires_grad_(True)
-            weights = probs.detach().requires_grad_(True)
-            run(tokens, routing_map, weights, grad_out)
-        return timed_step
+    token, expert, weight = selections(routing_map, probs)
+
+    def ours():
+        run_ours(x.detach().requires_grad_(True),
+                 (token, expert, weight.detach().requires_grad_(True)), grad_out)
+
+    def mcore():
+        run_mcore(x.detach().requires_grad_(True), routing_map, probs.detach().requires_grad_(True),
+                  grad_out)
 
     # Rows moved by permute + combine, forward and backward: permute reads and writes R rows;
     # combine reads R, writes N; its backward reads R gathered + R and writes R; permute's
@@ -102,9 +113,9 @@ def bench_shape(num_tokens, hidden, dtype, device, repeats):
     source = torch.empty(bytes_moved // 2 // x.element_size(), dtype=dtype, device=device)
     target = torch.empty_like(source)
     seconds = median_seconds({
-        "ours": step(run_ours),
-        "fallback": on_the_fallback(step(run_ours)),
-        "mcore_unfused": step(run_mcore),
+        "ours": ours,
+        "fallback": on_the_fallback(ours),
+        "mcore_unfused": mcore,
         "copy": lambda: target.copy_(source),
     }, device, repeats)
     copy_bandwidth = 2 * source.numel() * source.element_size() / seconds["copy"]

@@ -73,9 +73,9 @@ import machine
 from atomic_files import write_text
 from flops_matching import closest_num_layers
 
-# name: (hidden size, attention heads, FFN hidden size). 435m: the MoMa paper's 435M dense base
-# (docs/layers.md §8: 24 layers of these).
-SHAPES = {"small": (256, 4, 1024), "435m": (1024, 16, 4096)}
+# name: (hidden size, attention heads, FFN hidden size). 435m and 1.4b: the MoMa paper's 435M and
+# 1.4B dense bases (docs/layers.md §8: 24 layers of these each).
+SHAPES = {"small": (256, 4, 1024), "435m": (1024, 16, 4096), "1.4b": (2048, 16, 8192)}
 
 # Dense (no sparsity) tensor-core peak TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {

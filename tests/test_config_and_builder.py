@@ -125,8 +125,10 @@ def test_built_models_name_parameters_after_their_modality(kwargs, expected):
 
 def test_specs_use_local_modules_where_transformer_engine_is_absent():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.moe.experts import SequentialMLP
 
+    from megatron_moma.layers.sdpa_attention import SDPACoreAttention
     from megatron_moma.models import get_layer_spec
     from megatron_moma.specs.backend import transformer_engine_available
 
@@ -135,6 +137,8 @@ def test_specs_use_local_modules_where_transformer_engine_is_absent():
     moma = get_layer_spec(config(moma=MoMaOptions(experts_per_modality=(2, 2))))
     assert moma.submodules.mlp.submodules.experts.module is SequentialMLP
     mot = get_layer_spec(config(mot=MoTOptions()))
-    assert mot.submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert mot.submodules.self_attention.submodules.core_attention is SDPACoreAttention
+    local = get_layer_spec(config(mot=MoTOptions(), attention_backend=AttnBackend.local))
+    assert local.submodules.self_attention.submodules.core_attention is DotProductAttention
     with pytest.raises(RuntimeError, match="transformer_engine does not import"):
         get_layer_spec(config(mot=MoTOptions()), use_te=True)

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from megatron.core.extensions import transformer_engine as te
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -31,6 +33,7 @@ from megatron_moma.layers.grouped_experts import GroupedExpertMLP
 from megatron_moma.layers.mod import MoDTransformerLayer
 from megatron_moma.layers.moma import MoMaMLP
 from megatron_moma.layers.mot import MoTSelfAttention
+from megatron_moma.layers.sdpa_attention import SDPACoreAttention
 from megatron_moma.models import get_layer_spec
 from megatron_moma.modality import ModalityLayout
 from megatron_moma.specs import backend, get_moma_layer_spec, get_mot_layer_spec
@@ -67,7 +70,11 @@ def pretend_te(monkeypatch):
 
     def te_layer_spec(num_experts=None, qk_layernorm=False):
         calls.append(dict(num_experts=num_experts, qk_layernorm=qk_layernorm))
-        return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules())
+        attention = ModuleSpec(module=SelfAttention, submodules=SelfAttentionSubmodules(
+            linear_qkv=te.TELayerNormColumnParallelLinear, core_attention=te.TEDotProductAttention,
+            linear_proj=te.TERowParallelLinear))
+        return ModuleSpec(module=TransformerLayer,
+                          submodules=TransformerLayerSubmodules(self_attention=attention))
 
     monkeypatch.setattr(backend, "gpt_layer_specs", types.SimpleNamespace(
         HAVE_TE=True, get_gpt_layer_with_transformer_engine_spec=te_layer_spec,
@@ -75,16 +82,33 @@ def pretend_te(monkeypatch):
     return calls
 
 
+ARCHITECTURES = [dict(), dict(moma=MOMA), dict(mot=MoTOptions()), dict(mot=MoTOptions(), moma=MOMA),
+                 dict(moma=MOMA, mod=MoDOptions())]
+
+
+def core_attention_of(spec: ModuleSpec) -> type:
+    return spec.submodules.self_attention.submodules.core_attention
+
+
 # ------------------------------------------------------------------------ local (no TE)
+@pytest.mark.parametrize("backend_name", ["auto", "flash", "fused", "unfused", "local"])
+@pytest.mark.parametrize("kwargs", ARCHITECTURES, ids=["dense", "moma", "mot", "mot+moma", "mod"])
+def test_local_core_attention_follows_the_attention_backend(without_te, kwargs, backend_name):
+    """Without TE every layer's core attention is torch's SDPA, megatron-core's own for local."""
+    spec = get_layer_spec(config(attention_backend=AttnBackend[backend_name], **kwargs))
+    expected = DotProductAttention if backend_name == "local" else SDPACoreAttention
+    assert core_attention_of(spec) is expected
+
+
 def test_local_specs_name_megatron_core_modules(without_te):
     dense = get_layer_spec(config())
     attention = dense.submodules.self_attention.submodules
     assert attention.linear_qkv is ColumnParallelLinear
-    assert attention.core_attention is DotProductAttention
+    assert attention.core_attention is SDPACoreAttention  # attention_backend auto
     assert attention.linear_proj is RowParallelLinear
 
     moma = get_layer_spec(config(moma=MOMA))
-    assert moma.submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert core_attention_of(moma) is SDPACoreAttention
     experts = experts_of(moma)
     assert experts.module is SequentialMLP
     assert (experts.submodules.linear_fc1, experts.submodules.linear_fc2) == (
@@ -92,7 +116,7 @@ def test_local_specs_name_megatron_core_modules(without_te):
 
     mot = get_layer_spec(config(mot=MoTOptions()))
     assert mot.submodules.self_attention.module is MoTSelfAttention
-    assert mot.submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert core_attention_of(mot) is SDPACoreAttention
 
     assert get_layer_spec(config(moma=MOMA, mod=MoDOptions())).module is MoDTransformerLayer
 
@@ -151,9 +175,19 @@ def test_te_specs_name_transformer_engine_modules(pretend_te):
     assert experts.submodules.linear_fc2 is te.TERowParallelLinear
 
     mot = get_layer_spec(config(mot=MoTOptions(), moma=MOMA))
-    assert mot.submodules.self_attention.submodules.core_attention is te.TEDotProductAttention
+    assert core_attention_of(mot) is te.TEDotProductAttention
     assert experts_of(mot).submodules.linear_fc1 is te.TEColumnParallelLinear
     assert get_layer_spec(config(mot=MoTOptions(), mod=MoDOptions())).module is MoDTransformerLayer
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "flash", "fused", "unfused", "local"])
+@pytest.mark.parametrize("kwargs", ARCHITECTURES, ids=["dense", "moma", "mot", "mot+moma", "mod"])
+def test_te_core_attention_is_te_unless_local(pretend_te, kwargs, backend_name):
+    """Under TE the kernel behind TE's attention follows the same setting (megatron-core's
+    GPTModel sets NVTE_*_ATTN from it); local is megatron-core's DotProductAttention."""
+    spec = get_layer_spec(config(attention_backend=AttnBackend[backend_name], **kwargs))
+    expected = DotProductAttention if backend_name == "local" else te.TEDotProductAttention
+    assert core_attention_of(spec) is expected
 
 
 def test_te_grouped_gemm_experts_are_te_grouped_mlps(pretend_te, monkeypatch):
@@ -165,6 +199,7 @@ def test_te_grouped_gemm_experts_are_te_grouped_mlps(pretend_te, monkeypatch):
             get_layer_spec(config(moma=grouped, moe_grouped_gemm=True))
         stand_ins = {name: type(name, (), {}) for name in
                      ("TEColumnParallelGroupedLinear", "TERowParallelGroupedLinear")}
+        stand_ins["TEDotProductAttention"] = te.TEDotProductAttention
         monkeypatch.setattr(backend, "te_modules", types.SimpleNamespace(**stand_ins))
     experts = experts_of(get_layer_spec(config(moma=grouped, moe_grouped_gemm=True)))
     assert experts.module is TEGroupedMLP

@@ -22,6 +22,7 @@ def test_megatron_lm_defaults_and_derived_values():
     assert (args.split, args.seed, args.log_interval) == ("969, 30, 1", 1234, 100)
     assert (args.eval_interval, args.eval_iters, args.make_vocab_size_divisible_by) == (1000, 100, 128)
     assert (args.hidden_dropout, args.attention_dropout, args.init_method_std) == (0.1, 0.1, 0.02)
+    assert args.attention_backend == "auto"
     # Derived as Megatron-LM derives them.
     assert args.ffn_hidden_size == 256 and args.kv_channels == 16
     assert args.max_position_embeddings == 32 and lr_schedule_iters(args) == (0, 10)
@@ -60,6 +61,7 @@ def test_blend_and_virtual_pipeline_flags():
     (["--group-query-attention", "--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2,
      "--num-query-groups 1 is not divisible by --tensor-model-parallel-size 2"),
     (["--skip-train"], 1, "--skip-train needs --load"),
+    (["--attention-backend", "fused", "--device", "cpu"], 1, "--attention-backend fused is cuDNN"),
 ])
 def test_invalid_combinations_name_the_flags(extra, world_size, message):
     with pytest.raises(ArgumentError, match=message.replace("(", r"\(")):

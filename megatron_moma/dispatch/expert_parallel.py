@@ -26,6 +26,7 @@ from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.tensor_parallel import (
     all_to_all,
     gather_from_sequence_parallel_region,
@@ -118,15 +119,24 @@ class _CountExchange:
 
 def _run_local_experts(rows: torch.Tensor, rows_per_slot: List[int],
                        experts: Sequence[torch.nn.Module], local_counts: Sequence[int]) -> torch.Tensor:
-    """rows [M, h] sorted by local slot, rows_per_slot[s] of slot s -> unweighted outputs [M, h]."""
+    """rows [M, h] sorted by local slot, rows_per_slot[s] of slot s -> unweighted outputs [M, h].
+
+    The combine applies the routing weights afterwards, so the experts run without
+    probabilities: megatron-core's local SequentialMLP experts are called one by one with none
+    (its own forward would multiply every FFN intermediate by all-ones probabilities, forward and
+    backward); other expert modules get all-ones probabilities."""
     outputs, start, first_slot = [], 0, 0
     for module, count in zip(experts, local_counts):
         tokens_per_expert = rows_per_slot[first_slot : first_slot + count]
         end = start + sum(tokens_per_expert)
         chunk = rows[start:end]
-        ones = torch.ones(chunk.shape[0], dtype=chunk.dtype, device=chunk.device)
-        output, _ = module(chunk, torch.tensor(tokens_per_expert, dtype=torch.long), ones)
-        outputs.append(output)
+        if type(module) is SequentialMLP and not module.config.fp8:
+            for expert, part in zip(module.local_experts, chunk.split(tokens_per_expert)):
+                output, bias = expert(part)
+                outputs.append(output if bias is None else output + bias)
+        else:
+            ones = torch.ones(chunk.shape[0], dtype=chunk.dtype, device=chunk.device)
+            outputs.append(module(chunk, torch.tensor(tokens_per_expert, dtype=torch.long), ones)[0])
         start, first_slot = end, first_slot + count
     return torch.cat(outputs)
 

@@ -140,6 +140,9 @@ class MoMaMLP(MegatronModule, ModalityAware):
             tokens = copy_to_tensor_model_parallel_region(tokens)  # backward: sum the shares
         chunk_counts = full_index.chunk_counts(tp_size)
 
+        # The routers' inputs: every modality's rows as one contiguous block, by a permutation
+        # gather whose gradient is the inverse gather (`tokens[rows]` would scatter-add it).
+        by_modality = index.split(index.group(tokens)) if len(self.routers) else None
         group_rows, selections, aux_losses = [], [], []
         for modality, name in enumerate(self.group_names):
             rows = index.rows(modality)
@@ -147,7 +150,7 @@ class MoMaMLP(MegatronModule, ModalityAware):
             if name not in self.routers:
                 selections.append(_every_row(rows))
                 continue
-            group_tokens = tokens[rows]
+            group_tokens = by_modality[modality]
             if not self.expert_choice:
                 selection = self._select_by_token_choice(name, group_tokens)
             else:

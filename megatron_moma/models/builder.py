@@ -18,7 +18,8 @@ from megatron_moma.specs.backend import resolve_use_te, transformer_layer_spec
 def get_layer_spec(config: ModalityTransformerConfig, use_te: Optional[bool] = None) -> ModuleSpec:
     """The transformer-layer spec of `config.architecture`: Transformer Engine modules when
     `use_te` (default: TE imports), local megatron-core modules otherwise. MoMa experts follow
-    `config.moe_grouped_gemm` and `config.expert_fp8` (see `specs.backend.expert_spec`)."""
+    `config.moe_grouped_gemm` and `config.expert_fp8` (see `specs.backend.expert_spec`), the
+    core attention `config.attention_backend` (see `specs.backend.core_attention`)."""
     use_te = resolve_use_te(use_te)
     if config.fp8 and not use_te:
         raise ValueError(
@@ -26,14 +27,16 @@ def get_layer_spec(config: ModalityTransformerConfig, use_te: Optional[bool] = N
             "built without Transformer Engine; FP8 MoMa experts without it are config.expert_fp8"
         )
     experts = dict(moe_grouped_gemm=config.moe_grouped_gemm, expert_fp8=config.expert_fp8)
+    attention_backend = config.attention_backend
     if config.mot is not None:
         spec = get_mot_layer_spec(config.mot, with_moma=config.moma is not None, use_te=use_te,
-                                  **experts)
+                                  attention_backend=attention_backend, **experts)
     elif config.moma is not None:
         spec = get_moma_layer_spec(config.normalization, config.qk_layernorm, use_te=use_te,
-                                   **experts)
+                                   attention_backend=attention_backend, **experts)
     else:
-        spec = transformer_layer_spec(use_te, config.normalization, config.qk_layernorm, moe=False)
+        spec = transformer_layer_spec(use_te, config.normalization, config.qk_layernorm, moe=False,
+                                      attention_backend=attention_backend)
     if config.mod is not None:
         spec = get_mod_layer_spec(spec)
     return spec

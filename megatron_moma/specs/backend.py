@@ -3,8 +3,10 @@ megatron-core modules otherwise (megatron-core's own BackendSpecProvider choice)
 
 This module is the only place our specs choose between the two:
 - `transformer_layer_spec`: megatron-core's GPT layer (TE's fused layernorm-linears, TE core
-  attention; or local linears, norms and core attention), the frame of dense and MoMa layers;
-- `backend_provider(...).core_attention()`: MoT's global core attention;
+  attention; or local linears and norms), the frame of dense and MoMa layers;
+- `core_attention`: the core attention of every layer (dense, MoMa, MoT, MoD) by
+  `--attention-backend`: TE's DotProductAttention under TE, our `SDPACoreAttention` (torch's
+  fused attention kernels) without it, megatron-core's local DotProductAttention for `local`;
 - `expert_spec`: MoMa's expert groups: SequentialMLP of TE or local linears, megatron-core's
   TEGroupedMLP with `moe_grouped_gemm` under TE, our `GroupedExpertMLP` (torch's grouped and
   FP8 matmuls) with `moe_grouped_gemm` or `expert_fp8` without TE.
@@ -16,15 +18,17 @@ placeholders, so the TE choices can be inspected (not built) on any machine.
 from typing import Optional
 
 from megatron.core.extensions import transformer_engine as te_modules
-from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_moma.config.fp8 import ExpertFp8Options
 from megatron_moma.layers.grouped_experts import GroupedExpertMLP
+from megatron_moma.layers.sdpa_attention import SDPACoreAttention
 
 
 def transformer_engine_available() -> bool:
@@ -42,22 +46,35 @@ def resolve_use_te(use_te: Optional[bool]) -> bool:
     return available if use_te is None else use_te
 
 
-def backend_provider(use_te: bool) -> BackendSpecProvider:
-    return TESpecProvider() if use_te else LocalSpecProvider()
+def core_attention(use_te: bool, attention_backend: AttnBackend) -> type:
+    """The core attention class for `--attention-backend` (Megatron-LM's names). `local`:
+    megatron-core's DotProductAttention (materialises the scores). Otherwise under TE: TE's
+    DotProductAttention, whose kernel megatron-core's GPTModel selects from the same setting;
+    without TE: `SDPACoreAttention`, torch's SDPA restricted to the kernels the name allows."""
+    if attention_backend == AttnBackend.local:
+        return DotProductAttention
+    if use_te:
+        return te_modules.TEDotProductAttention
+    return SDPACoreAttention
 
 
 def transformer_layer_spec(use_te: bool, normalization: str, qk_layernorm: bool,
-                           moe: bool) -> ModuleSpec:
-    """megatron-core's GPT layer spec. Under TE the input norm is fused into the QKV linear
-    (TELayerNormColumnParallelLinear); `moe` gives the layer a separate pre-MLP norm (TENorm),
-    as megatron-core's MoE layers have, since the MLP is replaced. Locally the norms follow
-    `normalization` and are separate modules."""
+                           moe: bool, attention_backend: AttnBackend = AttnBackend.auto
+                           ) -> ModuleSpec:
+    """megatron-core's GPT layer spec with our `core_attention`. Under TE the input norm is fused
+    into the QKV linear (TELayerNormColumnParallelLinear); `moe` gives the layer a separate
+    pre-MLP norm (TENorm), as megatron-core's MoE layers have, since the MLP is replaced. Locally
+    the norms follow `normalization` and are separate modules."""
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=2 if moe else None, qk_layernorm=qk_layernorm
         )
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization,
-                                                   qk_layernorm=qk_layernorm)
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization,
+                                                        qk_layernorm=qk_layernorm)
+    spec.submodules.self_attention.submodules.core_attention = core_attention(use_te,
+                                                                              attention_backend)
+    return spec
 
 
 def expert_spec(use_te: bool, moe_grouped_gemm: bool,

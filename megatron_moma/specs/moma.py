@@ -2,6 +2,7 @@
 
 from typing import Optional
 
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_moma.config.fp8 import ExpertFp8Options
@@ -24,12 +25,15 @@ def moma_mlp_spec(use_te: bool = False, moe_grouped_gemm: bool = False,
 
 def get_moma_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False,
                         use_te: Optional[bool] = None, moe_grouped_gemm: bool = False,
-                        expert_fp8: Optional[ExpertFp8Options] = None) -> ModuleSpec:
+                        expert_fp8: Optional[ExpertFp8Options] = None,
+                        attention_backend: AttnBackend = AttnBackend.auto) -> ModuleSpec:
     """Megatron's GPT layer whose MLP is `MoMaMLP`: the Transformer Engine layer (a separate
-    pre-MLP norm, as for Megatron's MoE layers) when `use_te` (default: TE imports), else local.
+    pre-MLP norm, as for Megatron's MoE layers) when `use_te` (default: TE imports), else local;
+    its core attention follows `attention_backend` (`specs.backend.core_attention`).
     Local and TE layers save the same checkpoint keys."""
     use_te = resolve_use_te(use_te)
-    spec = transformer_layer_spec(use_te, normalization, qk_layernorm, moe=True)
+    spec = transformer_layer_spec(use_te, normalization, qk_layernorm, moe=True,
+                                  attention_backend=attention_backend)
     if not use_te:
         spec.submodules.sharded_state_dict_keys_map = dict(INPUT_NORM_AS_TE_KEY)
     spec.submodules.mlp = moma_mlp_spec(use_te, moe_grouped_gemm, expert_fp8)

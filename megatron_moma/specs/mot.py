@@ -3,6 +3,7 @@
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -11,13 +12,14 @@ from megatron_moma.config.fp8 import ExpertFp8Options
 from megatron_moma.config.mot import MoTOptions
 from megatron_moma.layers.modality_weights import ModalityNorm
 from megatron_moma.layers.mot import MoTMLP, MoTSelfAttention, MoTSelfAttentionSubmodules
-from megatron_moma.specs.backend import backend_provider, resolve_use_te
+from megatron_moma.specs.backend import core_attention, resolve_use_te
 from megatron_moma.specs.moma import moma_mlp_spec
 
 
 def get_mot_layer_spec(options: MoTOptions, with_moma: bool = False,
                        use_te: Optional[bool] = None, moe_grouped_gemm: bool = False,
-                       expert_fp8: Optional[ExpertFp8Options] = None) -> ModuleSpec:
+                       expert_fp8: Optional[ExpertFp8Options] = None,
+                       attention_backend: AttnBackend = AttnBackend.auto) -> ModuleSpec:
     """Megatron TransformerLayer whose attention, MLP and norms are per modality.
 
     Pre-norm puts `ModalityNorm`s in the layer's input and pre-MLP norm slots; post-norm leaves
@@ -26,7 +28,8 @@ def get_mot_layer_spec(options: MoTOptions, with_moma: bool = False,
     experts follow `moe_grouped_gemm` and `expert_fp8` as in `get_moma_layer_spec`. With `use_te`
     (default: Transformer Engine imports) the global core attention is TE's and MoMa's experts
     are TE modules; the per-modality projections and norms are ours either way (so FP8 under TE
-    reaches MoMa's experts only).
+    reaches MoMa's experts only). `attention_backend` chooses the global core attention
+    (`specs.backend.core_attention`).
     """
     use_te = resolve_use_te(use_te)
     pre_norm = ModalityNorm if options.norm_placement == "pre" else IdentityOp
@@ -37,7 +40,7 @@ def get_mot_layer_spec(options: MoTOptions, with_moma: bool = False,
             self_attention=ModuleSpec(
                 module=MoTSelfAttention,
                 submodules=MoTSelfAttentionSubmodules(
-                    core_attention=backend_provider(use_te).core_attention()
+                    core_attention=core_attention(use_te, attention_backend)
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

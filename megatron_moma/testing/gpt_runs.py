@@ -30,6 +30,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnBackend
 
 from megatron_moma.config import ModalityTransformerConfig, MoDOptions, MoMaOptions, MoTOptions
 from megatron_moma.layers.aux_loss import scale_auxiliary_losses
@@ -37,6 +38,7 @@ from megatron_moma.modality import ModalityLayout
 from megatron_moma.models import build_gpt_model
 from megatron_moma.models.aux_router_stage import train_only_auxiliary_routers
 from megatron_moma.parallel.layout import ParallelLayout
+from megatron_moma.specs.backend import core_attention
 
 GlobalSlices = Tuple[Tuple[int, ...], Tuple, torch.Tensor]  # (global shape, slice, local data)
 
@@ -45,7 +47,8 @@ GlobalSlices = Tuple[Tuple[int, ...], Tuple, torch.Tensor]  # (global shape, sli
 class TinyGPT:
     """Shape of the test model. `num_experts=None` is dense; otherwise Megatron's own MoE MLP.
     `moma` set makes every MLP a MoMa MLP and `mot` every layer a MoT layer (with MoMa MLPs if
-    both are set); `mod` makes the layers it names Mixture-of-Depths layers; with text ids below `vocab_size // 2` and image ids from there up."""
+    both are set); `mod` makes the layers it names Mixture-of-Depths layers; with text ids below `vocab_size // 2` and image ids from there up.
+    The core attention follows `attention_backend` as in our specs (`specs.backend.core_attention`)."""
 
     num_layers: int = 4
     hidden_size: int = 32
@@ -60,6 +63,8 @@ class TinyGPT:
     mot: Optional[MoTOptions] = None
     mod: Optional[MoDOptions] = None
     moe_grouped_gemm: bool = False  # MoMa experts as GroupedExpertMLP instead of SequentialMLP
+    num_query_groups: Optional[int] = None  # grouped-query attention; None: one per head
+    attention_backend: AttnBackend = AttnBackend.auto  # local: megatron-core's DotProductAttention
 
     @property
     def modality_layout(self) -> ModalityLayout:
@@ -122,6 +127,8 @@ def transformer_config(model: TinyGPT, layout: ParallelLayout) -> TransformerCon
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        attention_backend=model.attention_backend,
         ffn_hidden_size=model.ffn_hidden_size,
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -148,6 +155,8 @@ def build_model(model: TinyGPT, layout: ParallelLayout, spec: TrainSpec) -> List
     megatron_moe_spec = get_gpt_layer_local_spec(
         num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
     )
+    megatron_moe_spec.submodules.self_attention.submodules.core_attention = core_attention(
+        False, model.attention_backend)
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=spec.use_distributed_optimizer
     )

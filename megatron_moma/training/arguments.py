@@ -35,6 +35,7 @@ ARCHITECTURES = ("dense", "moma", "mot", "mot+moma")
 # docs/layers.md §3: peak LR 1e-4, linear decay to 1e-6, 1k-2k warm-up over 5k-10k steps.
 AUX_ROUTER_SCHEDULE = {"lr": 1e-4, "min_lr": 1e-6, "lr_warmup_fraction": 0.2,
                        "lr_decay_style": "linear"}
+ATTENTION_BACKENDS = ("flash", "fused", "unfused", "local", "auto")  # Megatron-LM's AttnBackend
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
@@ -91,6 +92,11 @@ def _model(parser):
     group.add_argument("--hidden-dropout", type=PROBABILITY, default=0.1)
     group.add_argument("--attention-dropout", type=PROBABILITY, default=0.1)
     group.add_argument("--bf16", action="store_true")
+    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                       help="local: megatron-core's DotProductAttention; otherwise Transformer "
+                            "Engine's attention (NVTE kernel choice), or without it torch's "
+                            "scaled_dot_product_attention: auto (torch's choice), flash, fused "
+                            "(cuDNN / memory-efficient, CUDA only), unfused (math)")
     group.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     group.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     group.add_argument("--recompute-num-layers", type=POSITIVE_INT, default=None)
@@ -449,6 +455,7 @@ def validate_model_split(args: argparse.Namespace) -> None:
     _validate_pipeline(args)
     _validate_moma(args)
     _validate_fp8(args)
+    _validate_attention_backend(args)
 
 
 def _is_blend(data_path: List[str]) -> bool:
@@ -573,6 +580,16 @@ def lr_schedule_iters(args: argparse.Namespace, start_iteration: int = 0) -> Tup
     if args.lr_warmup_fraction is not None:
         return int(args.lr_warmup_fraction * decay), decay
     return args.lr_warmup_iters, decay
+
+
+def _validate_attention_backend(args: argparse.Namespace) -> None:
+    if args.attention_backend != "fused" or args.device != "cpu":
+        return
+    from megatron_moma.specs import backend
+
+    _require(backend.transformer_engine_available(),
+             "--attention-backend fused is cuDNN / memory-efficient attention, CUDA only; on "
+             "--device cpu use auto, flash, unfused or local")
 
 
 def expert_tensor_parallel_size(args: argparse.Namespace) -> int:

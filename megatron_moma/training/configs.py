@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.datasets.utils import get_blend_from_list
 from megatron.core.optimizer import OptimizerConfig
+from megatron.core.transformer.enums import AttnBackend
 
 from megatron_moma.config import (
     ExpertFp8Options,
@@ -144,6 +145,7 @@ def transformer_config(args: argparse.Namespace, layout: ModalityLayout) -> Moda
             hidden_dropout=0.0 if args.train_aux_routers else args.hidden_dropout,
             attention_dropout=0.0 if args.train_aux_routers else args.attention_dropout,
             bf16=args.bf16,
+            attention_backend=AttnBackend[args.attention_backend],
             params_dtype=dtype,
             pipeline_dtype=dtype,
             use_cpu_initialization=args.device == "cpu",
